@@ -1,0 +1,1 @@
+"""Serving and export code, installed as the package `zfkeras_export`."""

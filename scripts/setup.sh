@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv and installs zfkeras into it (idempotent; re-installs when
+# setup.py changes). Sourced by quickstart.sh and test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version 2>&1)"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.zfkeras-installed
+want="$(sha256sum setup.py | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing zfkeras and its pinned dependencies into .venv (a few minutes the first time)"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,lite]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,1 @@
+"""zfkeras command-line tools, installed as the package `zfkeras_tools`."""
