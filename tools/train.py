@@ -59,6 +59,7 @@ _SNAPSHOTS = flags.DEFINE_list(
     "snapshot_epochs", ["1", "2", "5", "10", "20", "30", "40", "64"], "Epochs kept (Fig. 4)."
 )
 _EVAL_CROPS = flags.DEFINE_list("eval_crops", ["1", "10"], "Final evaluation: 1 and/or 10 crops.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch.", 1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Deterministic ops (bit-identical).")
 _STRATEGY = flags.DEFINE_enum(
@@ -138,6 +139,7 @@ def config_from_flags():
         min_learning_rate=_MIN_LR.value,
         snapshot_epochs=_ints("snapshot_epochs", _SNAPSHOTS.value),
         eval_crops=_ints("eval_crops", _EVAL_CROPS.value),
+        eval_batch_size=_EVAL_BATCH.value,
         seed=_SEED.value,
         deterministic=_DETERMINISTIC.value,
         strategy=_STRATEGY.value,
