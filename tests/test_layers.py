@@ -1,0 +1,267 @@
+"""NumPy-reference tests of the custom layers in zfkeras.layers."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from zfkeras import layers as zlayers
+
+# ---------------------------------------------------------------------------
+# NumPy references.
+
+
+def contrast_norm_reference(a, depth_radius, bias, alpha, beta):
+    """b_c = a_c / (bias + alpha * sum_{|c'-c| <= r} a_c'^2) ^ beta."""
+    squares = a.astype(np.float64) ** 2
+    channels = a.shape[-1]
+    out = np.empty_like(a, dtype=np.float64)
+    for c in range(channels):
+        low, high = max(0, c - depth_radius), min(channels, c + depth_radius + 1)
+        out[..., c] = a[..., c] / (bias + alpha * squares[..., low:high].sum(-1)) ** beta
+    return out
+
+
+def pool_reference(x, pool_size, strides, padding):
+    """Max pooling with switches ((b*H + y)*W + x)*C + c, first maximum on ties."""
+    batch, height, width, channels = x.shape
+    (kh, kw), (sh, sw) = pool_size, strides
+    if padding == "valid":
+        out_h, out_w, top, left = (height - kh) // sh + 1, (width - kw) // sw + 1, 0, 0
+    else:
+        out_h, out_w = -(-height // sh), -(-width // sw)
+        top = max((out_h - 1) * sh + kh - height, 0) // 2
+        left = max((out_w - 1) * sw + kw - width, 0) // 2
+    pooled = np.zeros((batch, out_h, out_w, channels), x.dtype)
+    switches = np.zeros(pooled.shape, np.int64)
+    for b, i, j, c in np.ndindex(pooled.shape):
+        best, where = -np.inf, -1
+        for dy in range(kh):
+            for dx in range(kw):
+                y, xx = i * sh - top + dy, j * sw - left + dx
+                if 0 <= y < height and 0 <= xx < width and x[b, y, xx, c] > best:
+                    best, where = x[b, y, xx, c], ((b * height + y) * width + xx) * channels + c
+        pooled[b, i, j, c], switches[b, i, j, c] = best, where
+    return pooled, switches
+
+
+def unpool_reference(values, switches, output_size):
+    """Adds each value at its switch (position within its own example)."""
+    batch, _, _, channels = values.shape
+    per_example = output_size[0] * output_size[1] * channels
+    out = np.zeros(batch * per_example, np.float64)
+    local = switches % per_example + np.arange(batch)[:, None, None, None] * per_example
+    np.add.at(out, local.ravel(), values.ravel())
+    return out.reshape(batch, *output_size, channels)
+
+
+# ---------------------------------------------------------------------------
+# ContrastNorm and FilterRMSConstraint.
+
+
+@pytest.mark.parametrize("channels, depth_radius", [(7, 2), (3, 2), (5, 0)])
+def test_contrast_norm_matches_reference(channels, depth_radius):
+    a = np.random.default_rng(0).normal(0, 10, (2, 4, 5, channels)).astype(np.float32)
+    layer = zlayers.ContrastNorm(depth_radius=depth_radius, bias=2.0, alpha=1e-2, beta=0.75)
+    expected = contrast_norm_reference(a, depth_radius, 2.0, 1e-2, 0.75)
+    assert np.abs(expected - a).max() > 0.1  # the normalisation does something
+    np.testing.assert_allclose(layer(a).numpy(), expected, rtol=1e-5, atol=1e-6)
+    clone = zlayers.ContrastNorm.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_contrast_norm_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="depth_radius"):
+        zlayers.ContrastNorm(depth_radius=-1)
+    with pytest.raises(ValueError, match="bias"):
+        zlayers.ContrastNorm(bias=0.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 2, 5), (4, 6)])
+def test_filter_rms_constraint_matches_reference(shape):
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 1, shape).astype(np.float32)
+    w[..., 0] *= 0.01  # a filter well inside the radius stays unchanged
+    constrained = zlayers.FilterRMSConstraint(0.1)(tf.constant(w)).numpy()
+    axes = tuple(range(len(shape) - 1))
+    rms = np.sqrt((w.astype(np.float64) ** 2).mean(axis=axes))
+    expected = w * np.minimum(1.0, 0.1 / rms)
+    np.testing.assert_allclose(constrained, expected, rtol=1e-5)
+    np.testing.assert_array_equal(constrained[..., 0], w[..., 0])
+    np.testing.assert_allclose(np.sqrt((constrained**2).mean(axis=axes))[1:], 0.1, rtol=1e-5)
+    assert zlayers.FilterRMSConstraint(**{"max_rms": 0.1}).get_config() == {"max_rms": 0.1}
+    with pytest.raises(ValueError, match="max_rms"):
+        zlayers.FilterRMSConstraint(0.0)
+
+
+# ---------------------------------------------------------------------------
+# Switches and unpooling.
+
+POOLS = [
+    # (input H, W, pool_size, strides, padding): overlapping, odd and even sizes.
+    (7, 7, (3, 3), (2, 2), "valid"),
+    (8, 8, (3, 3), (2, 2), "same"),
+    (9, 6, (3, 3), (2, 2), "same"),
+    (7, 5, (2, 2), (2, 2), "same"),
+    (6, 7, (2, 2), (2, 2), "valid"),
+    (11, 8, (3, 2), (2, 1), "same"),
+]
+
+
+def _maps(shape, seed, ties=False):
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    if ties:
+        # ReLU-like maps: many equal zeros, plus equal values side by side.
+        x = np.round(np.maximum(x, 0.0), 1)
+        x[:, :3, :3] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("height, width, pool_size, strides, padding", POOLS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_switches_match_reference(height, width, pool_size, strides, padding, ties):
+    x = _maps((3, height, width, 4), seed=height * width, ties=ties)
+    layer = zlayers.MaxPoolWithArgmax(pool_size, strides, padding)
+    pooled, switches = layer(x)
+    expected_pooled, expected_switches = pool_reference(x, pool_size, strides, padding)
+    assert switches.dtype == tf.int64
+    np.testing.assert_array_equal(pooled.numpy(), expected_pooled)
+    np.testing.assert_array_equal(switches.numpy(), expected_switches)
+    # Same values as Keras' own max pooling, and the symbolic shapes agree.
+    keras_pooled = keras.layers.MaxPooling2D(pool_size, strides, padding)(x)
+    np.testing.assert_array_equal(pooled.numpy(), keras_pooled.numpy())
+    symbolic = layer(keras.Input((height, width, 4)))
+    assert tuple(symbolic[0].shape[1:]) == expected_pooled.shape[1:]
+    assert symbolic[1].dtype == "int64"
+
+
+def test_max_pool_with_argmax_config_round_trips():
+    layer = zlayers.MaxPoolWithArgmax((3, 2), (2, 1), "same", name="p")
+    clone = zlayers.MaxPoolWithArgmax.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    assert clone.pool_size == (3, 2) and clone.strides == (2, 1) and clone.padding == "same"
+    with pytest.raises(ValueError, match="padding"):
+        zlayers.MaxPoolWithArgmax(padding="full")
+
+
+@pytest.mark.parametrize("height, width, pool_size, strides, padding", POOLS)
+def test_unpool_matches_reference_and_max_pool_gradient(height, width, pool_size, strides, padding):
+    x = _maps((3, height, width, 4), seed=7, ties=True)
+    _, switches = zlayers.MaxPoolWithArgmax(pool_size, strides, padding)(x)
+    values = np.random.default_rng(8).normal(size=switches.shape).astype(np.float32)
+    unpooled = zlayers.MaxUnpool((height, width))([values, switches]).numpy()
+    expected = unpool_reference(values, switches.numpy(), (height, width))
+    np.testing.assert_allclose(unpooled, expected, rtol=1e-6, atol=1e-6)
+    # The unpooling is the max-pool gradient (overlaps summed alike).
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        pooled = tf.nn.max_pool2d(x, pool_size, strides, padding.upper())
+    gradient = tape.gradient(pooled, x, output_gradients=tf.constant(values))
+    np.testing.assert_allclose(unpooled, gradient.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_unpool_sums_coincident_switches():
+    # One large value at (2, 2) is the maximum of four overlapping 3x3/2 windows.
+    x = np.zeros((2, 5, 5, 1), np.float32)
+    x[:, 2, 2, 0] = 9.0
+    x[1, 0, 0, 0] = 10.0  # the second example also has its own maximum in a corner
+    _, switches = zlayers.MaxPoolWithArgmax(3, 2, "valid")(x)
+    assert len(np.unique(switches.numpy()[0])) == 1
+    values = np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(1, 2, 2, 1).repeat(2, axis=0)
+    unpooled = zlayers.MaxUnpool((5, 5))([values, switches]).numpy()
+    assert unpooled[0, 2, 2, 0] == 10.0 and np.count_nonzero(unpooled[0]) == 1
+    assert unpooled[1, 0, 0, 0] == 1.0 and unpooled[1, 2, 2, 0] == 9.0
+
+
+def test_unpool_accepts_switches_from_another_batch():
+    x = _maps((4, 9, 9, 3), seed=9)
+    _, switches = zlayers.MaxPoolWithArgmax(3, 2, "same")(x)
+    values = np.random.default_rng(10).normal(size=switches.shape).astype(np.float32)
+    order = np.array([3, 1, 1])  # rows gathered out of order, one twice
+    gathered = tf.gather(switches, order)
+    unpooled = zlayers.MaxUnpool((9, 9))([values[order], gathered]).numpy()
+    single = [
+        zlayers.MaxUnpool((9, 9))([values[i : i + 1], switches[i : i + 1]]).numpy()[0]
+        for i in order
+    ]
+    np.testing.assert_allclose(unpooled, np.stack(single), rtol=1e-6)
+    clone = zlayers.MaxUnpool.from_config(zlayers.MaxUnpool((9, 9), name="u").get_config())
+    assert clone.output_size == (9, 9)
+
+
+# ---------------------------------------------------------------------------
+# TiedConv2DTranspose.
+
+
+def _conv(input_shape, filters, kernel_size, strides, padding, groups=1, seed=0):
+    conv = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        groups=groups,
+        kernel_initializer=keras.initializers.RandomNormal(seed=seed),
+        bias_initializer=keras.initializers.RandomNormal(seed=seed + 1),
+    )
+    conv.build((None, *input_shape))
+    return conv
+
+
+@pytest.mark.parametrize(
+    "input_shape, filters, kernel_size, strides, padding, groups",
+    [
+        ((13, 11, 3), 4, 5, 2, "valid", 1),
+        ((12, 12, 2), 3, 3, 2, "same", 1),
+        ((9, 10, 4), 6, 3, 1, "same", 2),
+        ((15, 15, 4), 4, (7, 5), (2, 3), "valid", 2),
+    ],
+)
+def test_tied_transpose_is_the_input_gradient(
+    input_shape, filters, kernel_size, strides, padding, groups
+):
+    conv = _conv(input_shape, filters, kernel_size, strides, padding, groups)
+    tied = zlayers.TiedConv2DTranspose(conv, input_shape[:2])
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(2, *input_shape)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = conv(x)
+    signal = rng.normal(size=y.shape).astype(np.float32)
+    gradient = tape.gradient(y, x, output_gradients=tf.constant(signal)).numpy()
+    projected = tied(signal).numpy()
+    assert projected.shape == (2, *input_shape)  # exactly the forward input size
+    np.testing.assert_allclose(projected, gradient, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_transpose_shares_the_forward_kernel():
+    conv = _conv((8, 8, 2), 3, 3, 2, "valid", seed=5)
+    tied = zlayers.TiedConv2DTranspose(conv, (8, 8))
+    signal = np.random.default_rng(3).normal(size=(1, 3, 3, 3)).astype(np.float32)
+    before = tied(signal).numpy()
+    assert tied.kernel is conv.kernel
+    assert not any(w is not conv.kernel and w is not conv.bias for w in tied.weights)
+    conv.kernel.assign(conv.kernel * -3.0)
+    np.testing.assert_allclose(tied(signal).numpy(), -3.0 * before, rtol=1e-5, atol=1e-6)
+    # No bias: a zero signal projects to exactly zero.
+    assert not tied(np.zeros_like(signal)).numpy().any()
+
+
+def test_tied_transpose_config_round_trips():
+    conv = _conv((8, 8, 2), 3, 3, 2, "valid", seed=6)
+    tied = zlayers.TiedConv2DTranspose(conv, (8, 8), name="t")
+    config = tied.get_config()
+    clone = zlayers.TiedConv2DTranspose.from_config(config)
+    assert clone.output_size == (8, 8) and clone.filters == 2
+    assert clone.forward_layer.kernel.shape == conv.kernel.shape
+
+
+def test_tied_transpose_rejects_bad_forward_layers():
+    with pytest.raises(ValueError, match="Conv2D"):
+        zlayers.TiedConv2DTranspose(keras.layers.Dense(3), (4, 4))
+    with pytest.raises(ValueError, match="built"):
+        zlayers.TiedConv2DTranspose(keras.layers.Conv2D(3, 3), (4, 4))
+    dilated = keras.layers.Conv2D(3, 3, dilation_rate=2)
+    dilated.build((None, 9, 9, 1))
+    with pytest.raises(ValueError, match="dilated"):
+        zlayers.TiedConv2DTranspose(dilated, (9, 9))
