@@ -517,3 +517,21 @@ def eval_batches(dataset, preprocessing, mean, batch_size, crops=1, cache=False)
 
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def write_examples(dataset, split, count, output_dir, data_dir=None, manual_dir=None):
+    """Writes the first `count` examples of a split as PNGs; returns their paths."""
+    from zfkeras import fileio
+
+    ds, info = load(dataset, split, data_dir=data_dir, manual_dir=manual_dir)
+    fileio.ensure_dir(output_dir)
+    safe_split = "".join(c if c.isalnum() else "_" for c in split).strip("_")
+    paths = []
+    for index, (image, label) in enumerate(ds.take(count).as_numpy_iterator()):
+        name = "".join(c if c.isalnum() else "_" for c in info.class_names[int(label)])
+        path = os.path.join(output_dir, f"{safe_split}_{index:05d}_{name}.png")
+        fileio.write_bytes(path, tf.io.encode_png(image).numpy())
+        paths.append(path)
+    if not paths:
+        raise Error(f"dataset {dataset!r} split {split!r} is empty")
+    return paths
