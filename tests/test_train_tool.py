@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import REPO
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
