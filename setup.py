@@ -40,6 +40,10 @@ setup(
             "zfkeras-train=zfkeras_tools.train:run",
             "zfkeras-evaluate=zfkeras_tools.evaluate:run",
             "zfkeras-deconv=zfkeras_tools.deconv:run",
+            "zfkeras-dataset-images=zfkeras_tools.dataset_images:run",
+            "zfkeras-mine-top9=zfkeras_tools.mine_top9:run",
+            "zfkeras-evolution=zfkeras_tools.evolution:run",
+            "zfkeras-occlusion=zfkeras_tools.occlusion:run",
         ]
     },
 )

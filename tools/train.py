@@ -59,6 +59,9 @@ _SNAPSHOTS = flags.DEFINE_list(
     "snapshot_epochs", ["1", "2", "5", "10", "20", "30", "40", "64"], "Epochs kept (Fig. 4)."
 )
 _EVAL_CROPS = flags.DEFINE_list("eval_crops", ["1", "10"], "Final evaluation: 1 and/or 10 crops.")
+_EVOLUTION = flags.DEFINE_integer(
+    "evolution_maps", 4, "Maps per conv layer projected to TensorBoard at snapshot epochs.", 0
+)
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch.", 1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Deterministic ops (bit-identical).")
@@ -140,6 +143,7 @@ def config_from_flags():
         snapshot_epochs=_ints("snapshot_epochs", _SNAPSHOTS.value),
         eval_crops=_ints("eval_crops", _EVAL_CROPS.value),
         eval_batch_size=_EVAL_BATCH.value,
+        evolution_maps=_EVOLUTION.value,
         seed=_SEED.value,
         deterministic=_DETERMINISTIC.value,
         strategy=_STRATEGY.value,

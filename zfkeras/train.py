@@ -69,6 +69,7 @@ class TrainConfig:
     # Bookkeeping.
     snapshot_epochs: tuple = (1, 2, 5, 10, 20, 30, 40, 64)
     eval_crops: tuple = (1, 10)
+    evolution_maps: int = 4
     eval_batch_size: int = 100
     seed: int = 0
     deterministic: bool = False
@@ -114,10 +115,17 @@ def _check_workdir(config):
     except (OSError, ValueError) as e:
         raise Error(f"{config_path}: unreadable ({e})") from None
     current = json.loads(json.dumps(dataclasses.asdict(config)))
+    # A run from an older zfkeras lacks newer fields: they had their defaults.
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    defaults = json.loads(json.dumps(defaults))
     differ = sorted(
         k
         for k in set(previous) | set(current)
-        if k not in _RESUMABLE_CHANGES and previous.get(k) != current.get(k)
+        if k not in _RESUMABLE_CHANGES and previous.get(k, defaults.get(k)) != current.get(k)
     )
     if differ:
         raise Error(
@@ -239,6 +247,18 @@ def filter_grid(kernel, pad=1):
     return grid
 
 
+def _evolution_callback(model, val_ds, config, log_dir, count=16):
+    """Fig. 4 as training runs: projections of the first maps of each conv layer."""
+    from zfkeras.analysis.evolution import EvolutionCallback
+
+    images = next(iter(val_ds.take(1)))[0][:count]
+    layers = [f"conv{i}" for i in range(1, 6) if f"conv{i}" in {x.name for x in model.layers}]
+    channels = {
+        name: range(min(config.evolution_maps, model.get_layer(name).filters)) for name in layers
+    }
+    return EvolutionCallback(layers, channels, images, log_dir, epochs=config.snapshot_epochs)
+
+
 def _load_split(config, split, shuffle_files=False, channels=None):
     return data.load(
         config.dataset,
@@ -357,6 +377,8 @@ def train_and_evaluate(config, flags_text=None):
             keras.callbacks.TensorBoard(log_dir, write_graph=False, update_freq="epoch"),
             _FilterImages(log_dir),
         ]
+        if config.evolution_maps:
+            callbacks.append(_evolution_callback(model, val_ds, config, log_dir))
     try:
         history = model.fit(
             train_ds,
