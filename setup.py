@@ -44,6 +44,10 @@ setup(
             "zfkeras-mine-top9=zfkeras_tools.mine_top9:run",
             "zfkeras-evolution=zfkeras_tools.evolution:run",
             "zfkeras-occlusion=zfkeras_tools.occlusion:run",
+            "zfkeras-invariance=zfkeras_tools.invariance:run",
+            "zfkeras-compare-filters=zfkeras_tools.compare_filters:run",
+            "zfkeras-correspondence=zfkeras_tools.correspondence:run",
+            "zfkeras-probe=zfkeras_tools.probe:run",
         ]
     },
 )

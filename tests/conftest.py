@@ -1,6 +1,8 @@
 """Shared test set-up: quiet TensorFlow, the `slow` marker and tiny fixtures."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -26,3 +28,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def run_tool(name, *args, timeout=600, env=None):
+    """Runs tools/NAME.py in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )

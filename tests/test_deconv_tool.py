@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import conftest
 import keras
 import numpy as np
 import pytest
@@ -19,18 +20,7 @@ CLASSES = tuple(f"class{i}" for i in range(5))
 
 
 def run_tool(*args, timeout=300):
-    env = dict(os.environ)
-    # Until zfkeras_tools is installed, .zfk_pkgs links it to tools/.
-    paths = [REPO, os.path.join(REPO, ".zfk_pkgs"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "deconv.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
+    return conftest.run_tool("deconv", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

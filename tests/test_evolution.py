@@ -3,14 +3,12 @@
 import glob
 import json
 import os
-import subprocess
-import sys
 
+import conftest
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO
 from PIL import Image
 
 from zfkeras import data, deconv, fileio, runs
@@ -152,17 +150,7 @@ def test_callback_rejects_bad_layers_before_training(tmp_path):
 
 
 def run_tool(*args, timeout=300):
-    env = dict(os.environ)
-    paths = [REPO, os.path.join(REPO, ".zfk_pkgs"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "evolution.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
+    return conftest.run_tool("evolution", *args, timeout=timeout)
 
 
 def test_tool_end_to_end(tiny_run):

@@ -4,13 +4,11 @@ import csv
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
+import conftest
 import keras
 import numpy as np
 import pytest
-from conftest import REPO
 from PIL import Image
 
 from zfkeras import data, fileio, runs
@@ -142,17 +140,7 @@ def test_image_files_take_class_names_or_indices(tiny_run, tmp_path):
 
 
 def run_tool(*args, timeout=300):
-    env = dict(os.environ)
-    paths = [REPO, os.path.join(REPO, ".zfk_pkgs"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "occlusion.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
+    return conftest.run_tool("occlusion", *args, timeout=timeout)
 
 
 def test_tool_end_to_end(tiny_run):

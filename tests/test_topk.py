@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import conftest
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -268,17 +269,7 @@ def test_mirrored_strategy_mines_the_same_top_k():
 
 
 def run_tool(*args, timeout=300):
-    env = dict(os.environ)
-    paths = [REPO, os.path.join(REPO, ".zfk_pkgs"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "mine_top9.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-    )
+    return conftest.run_tool("mine_top9", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,9 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO
+from conftest import REPO, run_tool
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def run_tool(name, *args, timeout=600):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", f"{name}.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def make_shapes_folder(root, per_class=20, size=24):
