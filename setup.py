@@ -48,6 +48,8 @@ setup(
             "zfkeras-compare-filters=zfkeras_tools.compare_filters:run",
             "zfkeras-correspondence=zfkeras_tools.correspondence:run",
             "zfkeras-probe=zfkeras_tools.probe:run",
+            "zfkeras-export=zfkeras_tools.export:run",
+            "zfkeras-predict=zfkeras_tools.predict:run",
         ]
     },
 )
