@@ -18,7 +18,8 @@ def tool_help(path):
     ).stdout
     # Keep the flags, not the module docstring repeated above them.
     start = out.find("\nflags:\n")
-    return out[start + len("\nflags:\n") :].strip() if start >= 0 else out.strip()
+    out = out[start + len("\nflags:\n") :] if start >= 0 else out
+    return out.replace(REPO + os.sep, "").strip()
 
 
 def main():
