@@ -6,6 +6,7 @@ flags); nothing else is printed.
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -14,7 +15,16 @@ from absl import logging as absl_logging
 from zfkeras import quiet
 from zfkeras.errors import Error
 
-__all__ = ["Error", "run", "split_list", "tool_flags_as_flagfile"]
+__all__ = [
+    "Error",
+    "batch_progress",
+    "define_maps_flag",
+    "layer_maps",
+    "progress",
+    "run",
+    "split_list",
+    "tool_flags_as_flagfile",
+]
 
 
 def _tool_name():
@@ -74,3 +84,38 @@ def split_list(value):
     if isinstance(value, (list, tuple)):
         return [str(v).strip() for v in value if str(v).strip()]
     return [v.strip() for v in str(value or "").split(",") if v.strip()]
+
+
+def progress(message):
+    """One progress line on stderr, prefixed with the tool's name."""
+    print(f"{_tool_name()}: {message}", file=sys.stderr, flush=True)
+
+
+def batch_progress(what, every=20):
+    """A `progress(done, total[, label])` callback printing every `every` batches."""
+
+    def report(done, total, label=None):
+        if done == 1 or done % every == 0 or done == total:
+            progress(f"{label or what}: {done}/{total or '?'} batches")
+
+    return report
+
+
+_LAYER_MAPS = re.compile(r"^\s*([\w.-]+)\s*:\s*(\d+(?:\s*,\s*\d+)*)\s*$")
+
+
+def define_maps_flag(help_text):
+    """A repeatable --maps=LAYER:c1,c2 flag with its validator."""
+    holder = flags.DEFINE_multi_string("maps", [], help_text)
+    flags.register_validator(
+        "maps",
+        lambda values: all(_LAYER_MAPS.match(v) for v in values),
+        "--maps takes LAYER:c1,c2,... with non-negative integers.",
+    )
+    return holder
+
+
+def layer_maps(values):
+    """['conv5:1,2'] -> (('conv5', (1, 2)),)."""
+    pairs = [_LAYER_MAPS.match(value).groups() for value in values]
+    return tuple((layer, tuple(int(c) for c in split_list(cs))) for layer, cs in pairs)

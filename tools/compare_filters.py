@@ -14,8 +14,6 @@ Writes filters.png, layer2.png, compare_filters.json and compare_filters.csv
 (one row per filter) into --output_dir.
 """
 
-import sys
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -39,10 +37,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "compare_filters", "Folder for t
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", 1)
 
 flags.mark_flag_as_required("checkpoint")
-
-
-def _progress(message):
-    print(f"compare_filters: {message}", file=sys.stderr, flush=True)
 
 
 def _paths(values):
@@ -70,7 +64,7 @@ def main(argv):
         near_dead_ratio=_NEAR_DEAD.value,
         batch_size=_BATCH.value,
     )
-    out = architecture.compare_models(config, _progress)
+    out = architecture.compare_models(config, common.progress)
     for model in out["record"]["models"]:
         bands = model["bands"]["mean_fraction"]
         conv1 = model["conv1"]

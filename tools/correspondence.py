@@ -16,8 +16,6 @@ treats the part consistently. Writes correspondence.png, correspondence.json
 and correspondence.csv into --output_dir.
 """
 
-import sys
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -31,10 +29,6 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", "correspondence", "Folder for th
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", 1)
 
 flags.mark_flags_as_required(["checkpoint", "parts_file"])
-
-
-def _progress(message):
-    print(f"correspondence: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv):
@@ -51,7 +45,7 @@ def main(argv):
         seed=_SEED.value,
         batch_size=_BATCH.value,
     )
-    out = correspondence.run_correspondence(config, _progress)
+    out = correspondence.run_correspondence(config, common.progress)
     record = out["record"]
     print(f"{'part':<16} {'layer 5':>15} {'layer 7':>15}   (random occluders of the same size)")
     for entry in record["parts"]:

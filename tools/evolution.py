@@ -12,8 +12,6 @@ one row per map, one column per epoch. Writes evolution.png and
 evolution.json (image, activation, position, box per map and epoch).
 """
 
-import re
-import sys
 
 from absl import flags
 
@@ -26,8 +24,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data folder (default: the 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder of manually obtained dataset files.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "evolution", "Folder for the PNG and JSON.")
 _LAYERS = flags.DEFINE_list("layers", [], "Layers shown (default: every conv layer).")
-_MAPS = flags.DEFINE_multi_string(
-    "maps", [], "Maps to show, LAYER:c1,c2,... (repeatable); other layers get random ones."
+_MAPS = common.define_maps_flag(
+    "Maps to show, LAYER:c1,c2,... (repeatable); other layers get random ones."
 )
 _NUM_MAPS = flags.DEFINE_integer("num_maps", 4, "Random maps shown per layer (0: all).", 0)
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "Search the first N images (0: all).", 0)
@@ -37,27 +35,12 @@ _BATCH = flags.DEFINE_integer("batch_size", 100, "Images per batch.", 1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random choice of maps.")
 
 flags.mark_flag_as_required("checkpoint")
-_LAYER_MAPS = re.compile(r"^\s*([\w.-]+)\s*:\s*(\d+(?:\s*,\s*\d+)*)\s*$")
-flags.register_validator(
-    "maps",
-    lambda values: all(_LAYER_MAPS.match(v) for v in values),
-    "--maps takes LAYER:c1,c2,... with non-negative integers.",
-)
 flags.register_validator(
     "epochs",
     lambda values: all(str(v).strip().isdigit() for v in values),
     "--epochs takes a comma-separated list of epoch numbers.",
 )
 
-
-def _maps():
-    pairs = [_LAYER_MAPS.match(value).groups() for value in _MAPS.value]
-    return tuple((layer, tuple(int(c) for c in common.split_list(cs))) for layer, cs in pairs)
-
-
-def _progress(done, total, column):
-    if done == 1 or done % 20 == 0 or done == total:
-        sys.stderr.write(f"{column}: {done}/{total or '?'} batches\n")
 
 
 def main(argv):
@@ -73,7 +56,7 @@ def main(argv):
         data_dir=_DATA_DIR.value,
         manual_dir=_MANUAL_DIR.value,
         layers=tuple(_LAYERS.value),
-        maps=_maps(),
+        maps=common.layer_maps(_MAPS.value),
         num_maps=_NUM_MAPS.value,
         num_images=_NUM_IMAGES.value,
         epochs=tuple(int(e) for e in _EPOCHS.value),
@@ -81,7 +64,7 @@ def main(argv):
         batch_size=_BATCH.value,
         seed=_SEED.value,
     )
-    result = evolution.run_evolution(config, progress=_progress)
+    result = evolution.run_evolution(config, progress=common.batch_progress("evolution"))
     print(f"columns: {', '.join(result['columns'])}; layers: {', '.join(result['layers'])}")
     print(f"written: {result['figure']}, {result['json']}")
 

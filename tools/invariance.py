@@ -13,8 +13,6 @@ and invariance.csv into --output_dir. Ranges are START:STOP:COUNT or a
 comma-separated list of values.
 """
 
-import sys
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -74,10 +72,6 @@ flags.register_validator(
 )
 
 
-def _progress(message):
-    print(f"invariance: {message}", file=sys.stderr, flush=True)
-
-
 def _paths(values):
     """Repeated and comma-separated flag values as one tuple."""
     return tuple(p for v in values for p in common.split_list(str(v)))
@@ -106,7 +100,7 @@ def main(argv):
         fill=_FILL.value,
         batch_size=_BATCH.value,
     )
-    out = invariance.run_invariance(config, _progress)
+    out = invariance.run_invariance(config, common.progress)
     result = out["result"]
     for kind in invariance.TRANSFORMS:
         last = result.distances[kind]

@@ -13,9 +13,6 @@ same command resumes an interrupted pass, or re-plots (other maps, say)
 without mining again.
 """
 
-import re
-import sys
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -28,8 +25,8 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder of manually obtained
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "top9", "Folder for PNG, JSON and the state.")
 _LAYERS = flags.DEFINE_list("layers", [], "Layers to mine (default: every conv layer).")
 _TOP = flags.DEFINE_integer("top", 9, "Activations kept per map (k).", 1)
-_MAPS = flags.DEFINE_multi_string(
-    "maps", [], "Maps to show, LAYER:c1,c2,... (repeatable); other layers get random ones."
+_MAPS = common.define_maps_flag(
+    "Maps to show, LAYER:c1,c2,... (repeatable); other layers get random ones."
 )
 _NUM_MAPS = flags.DEFINE_integer("num_maps", 16, "Random maps shown per layer (0: all).", 0)
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "Mine only the first N images (0: all).", 0)
@@ -42,22 +39,6 @@ _EVERY = flags.DEFINE_integer("checkpoint_every", 200, "Batches between state sa
 _REMINE = flags.DEFINE_bool("remine", False, "Ignore a saved state and mine again.")
 
 flags.mark_flag_as_required("checkpoint")
-_LAYER_MAPS = re.compile(r"^\s*([\w.-]+)\s*:\s*(\d+(?:\s*,\s*\d+)*)\s*$")
-flags.register_validator(
-    "maps",
-    lambda values: all(_LAYER_MAPS.match(v) for v in values),
-    "--maps takes LAYER:c1,c2,... with non-negative integers.",
-)
-
-
-def _maps():
-    pairs = [_LAYER_MAPS.match(value).groups() for value in _MAPS.value]
-    return tuple((layer, tuple(int(c) for c in common.split_list(cs))) for layer, cs in pairs)
-
-
-def _progress(done, total):
-    if done == 1 or done % 20 == 0 or done == total:
-        sys.stderr.write(f"mining: {done}/{total or '?'} batches\n")
 
 
 def main(argv):
@@ -74,7 +55,7 @@ def main(argv):
         manual_dir=_MANUAL_DIR.value,
         layers=tuple(_LAYERS.value),
         k=_TOP.value,
-        maps=_maps(),
+        maps=common.layer_maps(_MAPS.value),
         num_maps=_NUM_MAPS.value,
         num_images=_NUM_IMAGES.value,
         batch_size=_BATCH.value,
@@ -83,7 +64,7 @@ def main(argv):
         checkpoint_every=_EVERY.value,
         remine=_REMINE.value,
     )
-    result = topk.run_topk(config, progress=_progress)
+    result = topk.run_topk(config, progress=common.batch_progress("mining"))
     if result["state"] is None:
         return  # A non-chief worker of a multi-worker run.
     how = "reused the saved state" if result["reused"] else f"mined {result['num_images']} images"

@@ -14,8 +14,6 @@ first --num_images). Writes occlusion.png (one row per image),
 occlusion.json and occlusion.csv.
 """
 
-import sys
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -47,11 +45,6 @@ flags.register_validator(
 )
 
 
-def _progress(done, total):
-    if done == 1 or done % 20 == 0 or done == total:
-        sys.stderr.write(f"occluding: {done}/{total} batches\n")
-
-
 def main(argv):
     if len(argv) > 1:
         raise common.Error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -73,7 +66,7 @@ def main(argv):
         stride=_STRIDE.value,
         batch_size=_BATCH.value,
     )
-    result = occlusion.run_occlusion(config, progress=_progress)
+    result = occlusion.run_occlusion(config, progress=common.batch_progress("occluding"))
     for item in result["images"]:
         kind = "" if item["label_given"] else "predicted "
         print(

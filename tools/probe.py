@@ -13,8 +13,6 @@ may be another one than the model was trained on. Writes probe.png,
 probe.json and probe.csv into --output_dir.
 """
 
-import sys
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -63,10 +61,6 @@ flags.register_validator(
 )
 
 
-def _progress(message):
-    print(f"probe: {message}", file=sys.stderr, flush=True)
-
-
 def main(argv):
     if len(argv) > 1:
         raise common.Error(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -95,7 +89,7 @@ def main(argv):
         batch_size=_BATCH.value,
         seed=_SEED.value,
     )
-    out = probes.run_probes(config, _progress)
+    out = probes.run_probes(config, common.progress)
     record = out["record"]
     print(
         f"{record['dataset']}: {record['train_examples']} training, {record['test_examples']} "
