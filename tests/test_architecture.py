@@ -218,9 +218,9 @@ def _flag_lines(path):
         return {line.strip() for line in f if line.startswith("--")}
 
 
-def test_table3_configs_differ_from_the_reference_only_where_ablated():
+def test_table3_configs_differ_from_the_comparison_zfnet_only_where_ablated():
     folder = os.path.join(REPO, "tools", "configs")
-    reference = _flag_lines(os.path.join(folder, "fashion_mnist_reference.cfg"))
+    reference = _flag_lines(os.path.join(folder, "fashion_mnist_zfnet.cfg"))
     paths = sorted(
         glob.glob(os.path.join(folder, "fashion_mnist_ablation_*.cfg"))
         + glob.glob(os.path.join(folder, "fashion_mnist_alexnet*.cfg"))

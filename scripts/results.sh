@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Reproduces RESULTS.md: every run and figure it shows, one step at a time.
+#
+#   bash scripts/results.sh STEP...     (or: all)
+#
+# Steps, in the order RESULTS.md uses them:
+#   reference   ZFNet with fashion_mnist_reference.cfg (the >= 93 % model)
+#   accuracy    ZFNet, AlexNet, AlexNet two-tower at the comparison budget, seeds 0-2
+#   ablations   Table 3 rows at the comparison budget, seed 0 (ZFNet, then AlexNet)
+#   renorm      ZFNet without filter renormalisation (Fig. 6(a)), seed 0
+#   figures     Figs. 2, 4, 5, 6, 7, Table 1 and Table 7 from the runs above
+#   photos      tools/deconv.py on the photos in $PHOTOS (default ../shared/data/photos)
+#   tables      regenerate RESULTS.md's measured tables from the runs' JSON
+#
+# Runs go to runs/results/NAME; a finished run (eval.json present) is skipped
+# and an interrupted one resumes, so re-running a step continues it. Each run
+# logs to runs/results/NAME.log. Figures are copied to docs/results/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=.venv/bin/python
+out=runs/results
+docs=docs/results
+PHOTOS=${PHOTOS:-../shared/data/photos}
+mkdir -p "$out" "$docs"
+
+# train NAME CONFIG [FLAG...]: one training run, skipped when finished.
+train() {
+  local name=$1 config=$2
+  shift 2
+  if [ -f "$out/$name/eval.json" ]; then
+    echo "results: $name done"
+    return
+  fi
+  echo "results: training $name ($(date -u +%H:%M) UTC; log $out/$name.log)"
+  $py tools/train.py --flagfile="tools/configs/$config.cfg" --workdir="$out/$name" "$@" \
+    >>"$out/$name.log" 2>&1 || { tail -n 3 "$out/$name.log" >&2; return 1; }
+  tail -n 3 "$out/$name.log"
+}
+
+# figure NAME TOOL [FLAG...]: one analysis tool into $out/figures/NAME, PNGs to docs.
+figure() {
+  local name=$1 tool=$2
+  shift 2
+  echo "results: $name ($(date -u +%H:%M) UTC)"
+  $py "tools/$tool.py" --output_dir="$out/figures/$name" "$@"
+  mkdir -p "$docs/$name"
+  cp "$out/figures/$name"/*.png "$docs/$name/"
+  cp "$out/figures/$name"/*.json "$docs/$name/" 2>/dev/null || true
+}
+
+step_reference() { train reference fashion_mnist_reference; }
+
+step_accuracy() {
+  for seed in 0 1 2; do
+    for config in fashion_mnist_zfnet fashion_mnist_alexnet fashion_mnist_alexnet2; do
+      train "${config#fashion_mnist_}_s$seed" "$config" --seed="$seed"
+    done
+  done
+}
+
+step_ablations() {
+  for config in tools/configs/fashion_mnist_ablation_*.cfg \
+    tools/configs/fashion_mnist_alexnet_ablation_*.cfg; do
+    config=$(basename "$config" .cfg)
+    train "${config#fashion_mnist_}_s0" "$config"
+  done
+}
+
+step_renorm() { train zfnet_no_renorm_s0 fashion_mnist_zfnet --filter_rms=0; }
+
+step_figures() {
+  local ref=$out/reference
+  $py tools/dataset_images.py --split=test --count=40 --output_dir="$out/images" >/dev/null
+  figure top9 mine_top9 --checkpoint="$ref" --split=test --num_maps=16
+  figure evolution evolution --checkpoint="$ref" --split=test --num_images=2000
+  figure invariance invariance --checkpoint="$ref" --split=test --count=5
+  figure compare_filters compare_filters \
+    --checkpoint="$out/alexnet_s0,$out/zfnet_s0,$out/zfnet_no_renorm_s0" \
+    --labels="AlexNet,ZFNet,ZFNet no renormalisation"
+  figure occlusion occlusion --checkpoint="$ref" --split=test --indices=0,2,4,6,8,11
+  figure correspondence correspondence --checkpoint="$ref" \
+    --parts_file="$docs/fashion_mnist_parts.json" --repeats=20
+  figure probe probe --checkpoint="$ref" --train_split='train[:10000]' --test_split=test
+}
+
+step_photos() {
+  if [ ! -d "$PHOTOS" ]; then
+    echo "results: no photos in $PHOTOS (set PHOTOS=FOLDER)" >&2
+    return 1
+  fi
+  local images
+  images=$(find "$PHOTOS" -maxdepth 1 \( -name '*.png' -o -name '*.jpg' \) | sort | paste -sd, -)
+  figure photos deconv --checkpoint="$out/reference" --image="$images" --top=6
+}
+
+step_tables() { $py scripts/results_tables.py --runs="$out" --results=RESULTS.md; }
+
+steps=("$@")
+if [ "${#steps[@]}" -eq 0 ]; then
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+if [ "${steps[0]}" = all ]; then
+  steps=(reference accuracy renorm ablations figures photos tables)
+fi
+for step in "${steps[@]}"; do
+  case $step in
+    reference | accuracy | ablations | renorm | figures | photos | tables) "step_$step" ;;
+    *)
+      echo "results: unknown step $step (reference accuracy ablations renorm figures photos tables all)" >&2
+      exit 2
+      ;;
+  esac
+done
