@@ -124,7 +124,7 @@ def test_load_examples_reads_labels_by_name_or_id(workdir):
     examples = invariance.load_examples(run, [str(workdir / "a.png")], labels=("plain",))
     assert examples.views.shape == (1, 56, 56, 1) and examples.views.dtype == np.uint8
     assert examples.labels.tolist() == [2]
-    with pytest.raises(Error, match="unknown label 'cat'"):
+    with pytest.raises(Error, match="unknown class 'cat'"):
         invariance.load_examples(run, [str(workdir / "a.png")], labels=("cat",))
 
 

@@ -98,6 +98,32 @@ class DatasetInfo:
 # Fashion-MNIST from local IDX files.
 
 
+def class_index(value, class_names, source, allow_unknown=False):
+    """The index of a class given by name or by number.
+
+    Args:
+        value: a class name, or its index as text or int.
+        class_names: the run's class names.
+        source: what the value came from (a file, a flag), for the error.
+        allow_unknown: '' and '?' give -1 (an image of unknown class).
+
+    Raises:
+        Error: the value is neither a class name nor a valid index.
+    """
+    text = str(value).strip()
+    if allow_unknown and text in ("", "?"):
+        return -1
+    if text in class_names:
+        return list(class_names).index(text)
+    if text.isdigit() and int(text) < len(class_names):
+        return int(text)
+    names = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "")
+    raise Error(
+        f"{source}: unknown class {text!r}; give an index 0-{len(class_names) - 1} "
+        f"or one of: {names}"
+    )
+
+
 def _read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:

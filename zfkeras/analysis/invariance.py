@@ -65,20 +65,6 @@ class Examples:
         return data.center_crop(self.views, preprocessing.crop_size)
 
 
-def _label_id(label, class_names, path):
-    label = str(label).strip()
-    if label in ("", "?"):
-        return -1
-    if label in class_names:
-        return class_names.index(label)
-    if label.isdigit() and int(label) < len(class_names):
-        return int(label)
-    raise Error(
-        f"{path}: unknown label {label!r}; use a class id 0-{len(class_names) - 1} "
-        f"or a class name ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''})"
-    )
-
-
 def load_examples(
     run,
     image_paths=(),
@@ -120,7 +106,8 @@ def load_examples(
         views, ids = [], []
         for index, path in enumerate(image_paths):
             views.append(data.view(images.read_image(path), pre).numpy())
-            ids.append(_label_id(labels[index], run.class_names, path) if labels else -1)
+            label = labels[index] if labels else ""
+            ids.append(data.class_index(label, run.class_names, path, allow_unknown=True))
         names = tuple(os.path.basename(p) for p in image_paths)
         return Examples(np.stack(views), np.asarray(ids, np.int64), names)
     dataset = dataset or run.meta.get("dataset", "")

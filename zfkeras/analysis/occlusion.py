@@ -231,18 +231,6 @@ class OcclusionConfig:
     batch_size: int = 64
 
 
-def _class_index(value, class_names, source):
-    text = str(value).strip()
-    if text in class_names:
-        return class_names.index(text)
-    if text.isdigit() and int(text) < len(class_names):
-        return int(text)
-    raise Error(
-        f"{source}: unknown class {text!r}; give an index 0-{len(class_names) - 1} or one of: "
-        f"{', '.join(class_names)}"
-    )
-
-
 def _inputs(config, run, classes):
     """(views, labels or None, names, class names) of the chosen images."""
     class_names = tuple(run.class_names)
@@ -259,7 +247,7 @@ def _inputs(config, run, classes):
         labels = None
         if config.labels:
             labels = [
-                _class_index(label, class_names, path)
+                data.class_index(label, class_names, path)
                 for label, path in zip(config.labels, config.images)
             ]
         return views, labels, [os.path.basename(p) for p in config.images], class_names
