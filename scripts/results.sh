@@ -18,8 +18,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv/bin/python
-out=runs/results
-docs=docs/results
+out=${RESULTS_RUNS:-runs/results}
+docs=${RESULTS_DOCS:-docs/results}
 PHOTOS=${PHOTOS:-../shared/data/photos}
 mkdir -p "$out" "$docs"
 
@@ -45,7 +45,9 @@ figure() {
   $py "tools/$tool.py" --output_dir="$out/figures/$name" "$@"
   mkdir -p "$docs/$name"
   cp "$out/figures/$name"/*.png "$docs/$name/"
-  cp "$out/figures/$name"/*.json "$docs/$name/" 2>/dev/null || true
+  $py scripts/small_png.py --max_width=1000 "$docs/$name"/*.png >/dev/null
+  # Small JSON summaries go with the figures; big per-map dumps stay in runs/.
+  find "$out/figures/$name" -maxdepth 1 -name '*.json' -size -200k -exec cp {} "$docs/$name/" \;
 }
 
 step_reference() { train reference fashion_mnist_reference; }
@@ -71,15 +73,17 @@ step_renorm() { train zfnet_no_renorm_s0 fashion_mnist_zfnet --filter_rms=0; }
 step_figures() {
   local ref=$out/reference
   $py tools/dataset_images.py --split=test --count=40 --output_dir="$out/images" >/dev/null
-  figure top9 mine_top9 --checkpoint="$ref" --split=test --num_maps=16
+  figure top9 mine_top9 --checkpoint="$ref" --split=test --num_maps=12
   figure evolution evolution --checkpoint="$ref" --split=test --num_images=2000
   figure invariance invariance --checkpoint="$ref" --split=test --count=5
   figure compare_filters compare_filters \
     --checkpoint="$out/alexnet_s0,$out/zfnet_s0,$out/zfnet_no_renorm_s0" \
     --labels="AlexNet,ZFNet,ZFNet no renormalisation"
   figure occlusion occlusion --checkpoint="$ref" --split=test --indices=0,2,4,6,8,11
+  # The parts file names images by file name: it sits beside them.
+  cp "$docs/fashion_mnist_parts.json" "$out/images/parts.json"
   figure correspondence correspondence --checkpoint="$ref" \
-    --parts_file="$docs/fashion_mnist_parts.json" --repeats=20
+    --parts_file="$out/images/parts.json" --repeats=20
   figure probe probe --checkpoint="$ref" --train_split='train[:10000]' --test_split=test
 }
 
