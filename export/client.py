@@ -14,8 +14,10 @@ probabilities}, best first):
   `{"b64": ...}` images, in the row ("instances") or columnar ("inputs")
   form of TF Serving's REST API.
 
-Every file is read with `zfkeras.images.read_image` first, so a missing or
-corrupt file is reported by name before anything is sent.
+Every file is read with `zfkeras.images` first, so a missing or corrupt
+file is reported by name before anything is sent, and the three backends see
+the same pixels (a TIFF or an EXIF-rotated photo goes to a SavedModel or
+server as a PNG of its upright pixels).
 """
 
 import base64
@@ -184,13 +186,13 @@ def _post(url, body, timeout):
 
 
 def _read_all(paths):
-    """Reads every file (one-line Error naming a bad one); returns their bytes."""
-    contents = []
-    for path in paths:
-        images.read_image(path)
-        with open(path, "rb") as f:
-            contents.append(f.read())
-    return contents
+    """Reads every file (one-line Error naming a bad one); returns the bytes to send.
+
+    A file's own bytes, or a PNG of its pixels where `serving_default` alone
+    would read it differently (TIFF, EXIF orientation): see
+    `zfkeras.images.encode_for_serving`.
+    """
+    return [images.encode_for_serving(path) for path in paths]
 
 
 def _classify_rest(config, paths, contents):

@@ -128,10 +128,7 @@ def _move_into_place(staging, final, overwrite):
     if os.path.exists(final):
         if not overwrite:
             raise Error(f"{final}: appeared during the export; not overwritten")
-        old = fileio.temp_dir_like(final)
-        os.replace(final, os.path.join(old, "previous"))
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+        fileio.replace_dir(staging, final)
     else:
         os.rename(staging, final)
 

@@ -6,8 +6,10 @@
   centre views and float32 model inputs, exactly `zfkeras.images.read_image`
   (alpha composited over white) followed by `zfkeras.data.eval_view` and
   `subtract_mean` (Zeiler & Fergus Section 3: short side resized, centre
-  crop, per-pixel mean subtracted, centre `crop_size` crop). Bytes that do
-  not decode fail the whole call with InvalidArgument.
+  crop, per-pixel mean subtracted, centre `crop_size` crop). The format and
+  the declared size are checked before decoding (`checked_decode`, the
+  limits of `zfkeras.images`); bytes that fail a check or do not decode fail
+  the whole call with InvalidArgument.
 - `preprocess_pixels`: the same from uint8 pixel batches.
 - `classify`: model inputs -> top-k classes, names and probabilities.
 - `deconv`: model inputs and one feature-map index per image -> the
@@ -24,7 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from zfkeras import data
+from zfkeras import data, images
 from zfkeras import deconv as zdeconv
 from zfkeras.errors import Error
 from zfkeras_export import builtin_pool
@@ -55,6 +57,159 @@ def _colour_channels(image, channels):
     else:
         image = tf.cond(tf.equal(depth, 1), lambda: tf.tile(image, [1, 1, 3]), lambda: image)
     return tf.ensure_shape(image, [None, None, channels])
+
+
+# ---------------------------------------------------------------------------
+# Decoding with the checks of `zfkeras.images`, before any pixel is decoded.
+
+
+def _bytes_at(encoded, start, count):
+    """uint8 (count,): bytes start..start+count of a scalar string, zeros past its end."""
+    start = tf.minimum(tf.cast(start, tf.int32), tf.strings.length(encoded))
+    padded = tf.strings.join([encoded, tf.constant(b"\0" * count)])
+    return tf.reshape(tf.io.decode_raw(tf.strings.substr(padded, start, count), tf.uint8), [count])
+
+
+def _number(raw, little_endian):
+    """Unsigned integer (int64) from uint8 bytes."""
+    raw = tf.cast(raw, tf.int64)
+    count = raw.shape[0]
+    shifts = [8 * i for i in range(count)]
+    if not little_endian:
+        shifts = shifts[::-1]
+    return tf.reduce_sum(tf.bitwise.left_shift(raw, tf.constant(shifts, tf.int64)))
+
+
+def _gif_largest_frame(encoded):
+    """`zfkeras.images.gif_largest_frame` in TensorFlow ops (one block per step)."""
+    length = tf.cast(tf.strings.length(encoded), tf.int64)
+
+    def byte(pos):
+        return tf.cast(_bytes_at(encoded, pos, 1)[0], tf.int64)
+
+    def table(flags):
+        size = 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), flags % 8)
+        return tf.where(flags >= 128, size, tf.constant(0, tf.int64))
+
+    def body(pos, in_blocks, largest, done):
+        block = byte(pos)
+        # In data sub-blocks: skip one (a zero length ends them).
+        sub_pos = pos + 1 + block
+        # At a block: an image descriptor (its frame size, local colour
+        # table, LZW code size, then sub-blocks), an extension (label, then
+        # sub-blocks), or anything else: the end.
+        descriptor = _bytes_at(encoded, pos, 10)
+        width = _number(descriptor[5:7], True)
+        height = _number(descriptor[7:9], True)
+        image = tf.equal(block, 0x2C)
+        extension = tf.equal(block, 0x21)
+        block_pos = tf.where(image, pos + 11 + table(tf.cast(descriptor[9], tf.int64)), pos + 2)
+        next_pos = tf.where(in_blocks, sub_pos, block_pos)
+        next_in_blocks = tf.where(in_blocks, tf.not_equal(block, 0), image | extension)
+        largest = tf.where(~in_blocks & image, tf.maximum(largest, width * height), largest)
+        done = (pos >= length) | (~in_blocks & ~image & ~extension)
+        return next_pos, next_in_blocks, largest, done
+
+    start = 13 + table(byte(10))
+    _, _, largest, _ = tf.while_loop(
+        lambda pos, in_blocks, largest, done: ~done,
+        body,
+        (start, tf.constant(False), tf.constant(0, tf.int64), tf.constant(False)),
+    )
+    return largest
+
+
+def _declared_pixels(encoded, kind):
+    """Pixels the header of a JPEG (0), PNG (1), BMP (2) or GIF (3) declares."""
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)
+        return shape[0] * shape[1]
+
+    def png():
+        width = _number(_bytes_at(encoded, 16, 4), False)
+        return width * _number(_bytes_at(encoded, 20, 4), False)
+
+    def bmp():
+        # int32 width and height (negative height: rows stored top-down).
+        width = _number(_bytes_at(encoded, 18, 4), True)
+        height = _number(_bytes_at(encoded, 22, 4), True)
+        height = tf.where(height >= 2**31, 2**32 - height, height)
+        width = tf.where(width >= 2**31, 2**32 - width, width)
+        return width * height
+
+    def gif():
+        width = _number(_bytes_at(encoded, 6, 2), True)
+        screen = width * _number(_bytes_at(encoded, 8, 2), True)
+        return tf.maximum(screen, _gif_largest_frame(encoded))
+
+    return tf.switch_case(kind, [jpeg, png, bmp, gif])
+
+
+_MAGIC = ((b"\xff\xd8\xff",), (b"\x89PNG\r\n\x1a\n",), (b"BM",), (b"GIF87a", b"GIF89a"))
+
+
+def _kind(encoded):
+    """0-3 for JPEG, PNG, BMP, GIF by the leading bytes; -1 for anything else."""
+    kind = tf.constant(-1)
+    for index, magics in enumerate(_MAGIC):
+        for magic in magics:
+            head = tf.strings.substr(encoded, 0, len(magic))
+            kind = tf.where(tf.equal(head, magic), index, kind)
+    return kind
+
+
+def checked_decode(encoded, index):
+    """Decodes one encoded image as `zfkeras.images.read_image` checks it.
+
+    The format (JPEG, PNG, BMP or GIF) and the size its header declares (at
+    most `images.MAX_PIXELS`, every GIF frame included) are checked before
+    decoding, the sides (at most `images.MAX_ASPECT` to 1) after: a failed
+    check is an InvalidArgument naming `index`, e.g. "images[2]: declares
+    900000000 pixels, more than the limit of 67108864". TIFF files and EXIF
+    orientations are not handled here; `zfkeras.images.encode_for_serving`
+    turns such files into PNG bytes.
+
+    Returns:
+        uint8 (H, W, 1-4), as `tf.io.decode_image`.
+    """
+    kind = _kind(encoded)
+    known = tf.debugging.Assert(
+        kind >= 0,
+        [
+            tf.strings.format(
+                "images[{}]: not a JPEG, PNG, BMP or GIF image ({} bytes)",
+                (index, tf.strings.length(encoded)),
+            )
+        ],
+    )
+    with tf.control_dependencies([known]):
+        pixels = _declared_pixels(encoded, tf.maximum(kind, 0))
+    small = tf.debugging.Assert(
+        pixels <= images.MAX_PIXELS,
+        [
+            tf.strings.format(
+                "images[{}]: declares {} pixels, more than the limit of {} (a decompression "
+                "bomb?); refused before decoding",
+                (index, pixels, images.MAX_PIXELS),
+            )
+        ],
+    )
+    with tf.control_dependencies([small]):
+        image = tf.io.decode_image(encoded, expand_animations=False, dtype=tf.uint8)
+    shape = tf.shape(image)
+    long_side, short_side = tf.reduce_max(shape[:2]), tf.reduce_min(shape[:2])
+    proportioned = tf.debugging.Assert(
+        long_side <= images.MAX_ASPECT * short_side,
+        [
+            tf.strings.format(
+                "images[{}]: {} x {} pixels, sides more than {} to 1",
+                (index, shape[1], shape[0], images.MAX_ASPECT),
+            )
+        ],
+    )
+    with tf.control_dependencies([proportioned]):
+        return tf.identity(image)
 
 
 def unless_empty(fn, *tensors):
@@ -151,14 +306,21 @@ class ServingGraph:
         return (tf.cast(views, tf.float32) - tf.constant(self._mean)) * scale
 
     def preprocess_images(self, images):
-        """Encoded images, string (N,) -> (uint8 views, float32 model inputs)."""
+        """Encoded images, string (N,) -> (uint8 views, float32 model inputs).
+
+        Each image's format and declared size are checked before it is
+        decoded (`checked_decode`); a bad one fails the call with
+        InvalidArgument naming its index.
+        """
         channels = self.preprocessing.channels
 
-        def one(encoded):
-            image = tf.io.decode_image(encoded, expand_animations=False, dtype=tf.uint8)
+        def one(args):
+            encoded, index = args
+            image = checked_decode(encoded, index)
             return self._eval_view(_colour_channels(image, channels))
 
-        views = tf.map_fn(one, images, fn_output_signature=self._view_spec())
+        indices = tf.range(tf.shape(images)[0])
+        views = tf.map_fn(one, (images, indices), fn_output_signature=self._view_spec())
         return views, self.model_input(views)
 
     def preprocess_pixels(self, pixels):

@@ -22,14 +22,20 @@ _CHECKPOINT = flags.DEFINE_multi_string(
     "checkpoint", None, "Two or more run dirs or .keras files (RUN_DIR@N: snapshot N)."
 )
 _LABELS = flags.DEFINE_list("labels", [], "A name per checkpoint.")
-_IMAGES = flags.DEFINE_multi_string("images", [], "Image files for the layer-2 projections.")
+_IMAGES = flags.DEFINE_multi_string(
+    "images", [], "Image files for the layer-2 projections (JPEG, PNG, BMP, GIF, TIFF)."
+)
 _DATASET = flags.DEFINE_string("dataset", "", "Dataset of the sample (default: the first run's).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the sample.")
 _COUNT = flags.DEFINE_integer("count", 4, "Images with layer-2 projections.", 1, 16)
 _TOP = flags.DEFINE_integer("top", 4, "Strongest conv2 maps projected per image.", 1, 16)
 _SAMPLE = flags.DEFINE_integer("sample_size", 256, "Images on which dead filters are counted.", 1)
 _NEAR_DEAD = flags.DEFINE_float(
-    "near_dead_ratio", 0.1, "Near-dead: mean activation below this x the median filter's.", 0.0
+    "near_dead_ratio",
+    0.1,
+    "Near-dead: mean activation below this x the median filter's.",
+    0.0,
+    1.0,
 )
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data folder.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", "", "Folder of manually obtained dataset files.")
@@ -42,6 +48,27 @@ flags.mark_flag_as_required("checkpoint")
 def _paths(values):
     """Repeated and comma-separated flag values as one tuple."""
     return tuple(p for v in values for p in common.split_list(str(v)))
+
+
+flags.register_validator(
+    "checkpoint",
+    lambda v: v is None or len(_paths(v)) >= 2,
+    "--checkpoint needs two or more models to compare.",
+)
+
+
+def _labels_match_checkpoints(values):
+    if values["labels"] and values["checkpoint"]:
+        count = len(_paths(values["checkpoint"]))
+        if len(values["labels"]) != count:
+            raise flags.ValidationError(
+                f"Give one --labels entry per --checkpoint ({count} checkpoints, "
+                f"{len(values['labels'])} labels)."
+            )
+    return True
+
+
+flags.register_multi_flags_validator(["checkpoint", "labels"], _labels_match_checkpoints)
 
 
 def main(argv):

@@ -17,13 +17,17 @@ from absl import flags
 
 from zfkeras_tools import common
 
+_DEFAULT_TOP = 9
+
 _IMAGE = flags.DEFINE_multi_string(
-    "image", None, "Image file(s): JPEG, PNG, BMP or GIF; repeat or comma-separate."
+    "image", None, "Image files (JPEG, PNG, BMP, GIF, TIFF); repeat or comma-separate."
 )
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training work dir or a .keras file.")
 _LAYERS = flags.DEFINE_list("layers", [], "Layers to project (default: every conv layer).")
-_TOP = flags.DEFINE_integer("top", 9, "Strongest feature maps per layer and image.", 1)
-_CHANNELS = flags.DEFINE_list("channels", [], "Explicit feature maps instead of --top.")
+_TOP = flags.DEFINE_integer(
+    "top", None, f"Strongest feature maps per layer and image (default {_DEFAULT_TOP}).", 1
+)
+_CHANNELS = flags.DEFINE_list("channels", [], "Explicit feature maps (instead of --top).")
 _MODE = flags.DEFINE_enum(
     "mode", "max", ["max", "map"], "max: strongest single activation; map: the whole map."
 )
@@ -32,9 +36,19 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", 1)
 
 flags.mark_flags_as_required(["image", "checkpoint"])
 flags.register_validator(
+    "image",
+    lambda v: v is None or any(common.split_list(x) for x in v),
+    "--image needs at least one file.",
+)
+flags.register_validator(
     "channels",
     lambda v: all(str(c).strip().isdigit() for c in v),
     "--channels takes non-negative integers.",
+)
+flags.register_multi_flags_validator(
+    ["channels", "top"],
+    lambda v: not (v["channels"] and v["top"] is not None),
+    "Give --channels or --top, not both.",
 )
 
 
@@ -48,7 +62,7 @@ def main(argv):
         checkpoint=_CHECKPOINT.value,
         output_dir=_OUTPUT_DIR.value,
         layers=tuple(_LAYERS.value),
-        top=_TOP.value,
+        top=_DEFAULT_TOP if _TOP.value is None else _TOP.value,
         channels=tuple(int(c) for c in _CHANNELS.value),
         mode=_MODE.value,
         batch_size=_BATCH.value,

@@ -12,7 +12,6 @@ one row per map, one column per epoch. Writes evolution.png and
 evolution.json (image, activation, position, box per map and epoch).
 """
 
-
 from absl import flags
 
 from zfkeras_tools import common
@@ -37,10 +36,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random choice of maps.")
 flags.mark_flag_as_required("checkpoint")
 flags.register_validator(
     "epochs",
-    lambda values: all(str(v).strip().isdigit() for v in values),
-    "--epochs takes a comma-separated list of epoch numbers.",
+    lambda values: all(str(v).strip().isdigit() and int(v) >= 1 for v in values),
+    "--epochs takes a comma-separated list of epoch numbers (1 or more).",
 )
-
 
 
 def main(argv):

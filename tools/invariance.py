@@ -13,12 +13,16 @@ and invariance.csv into --output_dir. Ranges are START:STOP:COUNT or a
 comma-separated list of values.
 """
 
+import math
+
 from absl import flags
 
 from zfkeras_tools import common
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training work dir or a .keras file.")
-_IMAGES = flags.DEFINE_multi_string("images", [], "Image files; repeat or comma-separate.")
+_IMAGES = flags.DEFINE_multi_string(
+    "images", [], "Image files (JPEG, PNG, BMP, GIF, TIFF); repeat or comma-separate."
+)
 _LABELS = flags.DEFINE_list("labels", [], "True class (name or id) of each --images file.")
 _DATASET = flags.DEFINE_string("dataset", "", "Dataset of the examples (default: the run's).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of the examples.")
@@ -39,13 +43,16 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", 1)
 flags.mark_flag_as_required("checkpoint")
 
 
+_MAX_VALUES = 1000
+
+
 def _values(text):
     """'a:b:n' (n evenly spaced values from a to b) or 'v1,v2,...' -> floats."""
     text = text.strip()
     if ":" in text:
         start, stop, count = text.split(":")
         count = int(count)
-        if count < 1:
+        if not 1 <= count <= _MAX_VALUES:
             raise ValueError
         step = (float(stop) - float(start)) / max(count - 1, 1)
         return tuple(round(float(start) + i * step, 6) for i in range(count))
@@ -56,20 +63,44 @@ for _name in ("translations", "scales", "rotations"):
     flags.register_validator(
         _name,
         lambda v: bool(v) and _values_ok(v),
-        f"--{_name} takes START:STOP:COUNT or a comma-separated list of numbers.",
+        f"--{_name} takes START:STOP:COUNT (COUNT 1-{_MAX_VALUES}) or a comma-separated "
+        "list of numbers.",
     )
 
 
 def _values_ok(text):
     try:
-        return len(_values(text)) > 0
+        values = _values(text)
     except ValueError:
         return False
+    return 0 < len(values) <= _MAX_VALUES and all(math.isfinite(v) for v in values)
 
 
 flags.register_validator(
-    "scales", lambda v: _values_ok(v) and min(_values(v)) > 0, "--scales must be > 0."
+    "scales", lambda v: not _values_ok(v) or min(_values(v)) > 0, "--scales must be > 0."
 )
+flags.register_validator(
+    "translations",
+    lambda v: not _values_ok(v) or max(abs(t) for t in _values(v)) <= 1,
+    "--translations are fractions of the crop size, between -1 and 1.",
+)
+
+
+def _labels_match_images(values):
+    if not values["labels"]:
+        return True
+    if not values["images"]:
+        raise flags.ValidationError("--labels are for --images files only.")
+    count = len(_paths(values["images"]))
+    if len(values["labels"]) != count:
+        raise flags.ValidationError(
+            f"Give one --labels entry per --images file ({count} files, "
+            f"{len(values['labels'])} labels)."
+        )
+    return True
+
+
+flags.register_multi_flags_validator(["images", "labels"], _labels_match_images)
 
 
 def _paths(values):

@@ -20,7 +20,7 @@ from zfkeras_tools import common
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training work dir or a .keras file.")
 _IMAGE = flags.DEFINE_multi_string(
-    "image", [], "Image file(s) (JPEG, PNG, BMP, GIF); repeat or comma-separate."
+    "image", [], "Image file(s) (JPEG, PNG, BMP, GIF, TIFF); repeat or comma-separate."
 )
 _LABEL = flags.DEFINE_multi_string(
     "label", [], "True class (name or index) of each --image, in order."
@@ -43,6 +43,34 @@ flags.register_validator(
     lambda values: all(str(v).strip().isdigit() for v in values),
     "--indices takes non-negative integers.",
 )
+flags.register_validator(
+    "size", lambda v: v == 0 or v >= 2, "--size must be 0 (a quarter of the input) or >= 2."
+)
+flags.register_multi_flags_validator(
+    ["size", "stride"],
+    lambda v: not (v["size"] and v["stride"]) or v["stride"] < v["size"],
+    "--stride must be below --size (neighbouring squares overlap, as in the paper).",
+)
+flags.register_multi_flags_validator(
+    ["image", "indices"],
+    lambda v: not (v["image"] and v["indices"]),
+    "Give --image files or --indices of dataset examples, not both.",
+)
+
+
+def _labels_match_images(values):
+    if not values["label"]:
+        return True
+    images = [p for v in values["image"] for p in common.split_list(v)]
+    if len(values["label"]) != len(images):
+        raise flags.ValidationError(
+            f"Give one --label per --image file ({len(images)} files, "
+            f"{len(values['label'])} labels); dataset examples have their own."
+        )
+    return True
+
+
+flags.register_multi_flags_validator(["image", "label"], _labels_match_images)
 
 
 def main(argv):

@@ -54,6 +54,7 @@ flags.register_validator(
     lambda v: bool(v) and all(x in "1234567" and len(x) == 1 for x in v),
     "--layers takes numbers 1-7.",
 )
+flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be above 0.")
 flags.register_validator(
     "per_class",
     lambda v: all(x.isdigit() and int(x) > 0 for x in v),

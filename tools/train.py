@@ -2,12 +2,16 @@
 
     python tools/train.py --flagfile=tools/configs/quickstart.cfg
 
-Re-running the same command resumes an interrupted run. The work dir gets the
-model, its preprocessing, snapshots, TensorBoard logs, flags.txt (a flagfile
-that re-runs it) and eval.json.
+Re-running the same command resumes an interrupted or killed run at the
+batch of its last checkpoint (every --checkpoint_every_steps batches and at
+each epoch end). Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the current
+batch and exits with status 130 (143). The work dir gets the model, its
+preprocessing, snapshots, TensorBoard logs, flags.txt (a flagfile that re-runs
+it) and eval.json.
 """
 
 import os
+import sys
 
 from absl import flags
 
@@ -65,6 +69,12 @@ _EVOLUTION = flags.DEFINE_integer(
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 100, "Images per evaluation batch.", 1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Deterministic ops (bit-identical).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every_steps",
+    100,
+    "Batches between crash-safe checkpoints (0: epoch ends only); a kill loses at most these.",
+    0,
+)
 _STRATEGY = flags.DEFINE_enum(
     "strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "Distribution."
 )
@@ -146,6 +156,7 @@ def config_from_flags():
         evolution_maps=_EVOLUTION.value,
         seed=_SEED.value,
         deterministic=_DETERMINISTIC.value,
+        checkpoint_every_steps=_CHECKPOINT_EVERY.value,
         strategy=_STRATEGY.value,
         tpu_address=_TPU.value,
         verbose=_VERBOSE.value,
@@ -158,8 +169,15 @@ def main(argv):
     from zfkeras import train
 
     config = config_from_flags()
-    print(f"Training {config.architecture} on {config.dataset} in {config.workdir}")
-    results = train.train_and_evaluate(config, flags_text=common.tool_flags_as_flagfile(__name__))
+    print(f"Training {config.architecture} on {config.dataset} in {config.workdir}", flush=True)
+    try:
+        results = train.train_and_evaluate(
+            config, flags_text=common.tool_flags_as_flagfile(__name__), report=common.progress
+        )
+    except train.Interrupted as e:
+        _exit(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        _exit("interrupted; run the same command to resume from the last checkpoint", 130)
     for crops in config.eval_crops:
         r = results[f"test_{crops}crop"]
         print(
@@ -168,6 +186,11 @@ def main(argv):
         )
     model_path = os.path.join(config.workdir, "model.keras")
     print(f"wall time {results['wall_time_s']:.0f} s; model: {model_path}")
+
+
+def _exit(message, code):
+    common.progress(message)
+    sys.exit(code)
 
 
 def run():

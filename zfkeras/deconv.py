@@ -20,6 +20,12 @@ of its forward op, except that rectification is applied to the signal itself:
 | Dense                 | TiedDenseTranspose (y W^T)  | input gradient (bias ignored)      |
 | Dropout               | identity                    | input gradient at inference        |
 
+`Deconvnet.project` runs these steps on each unit's receptive-field
+window only, with plain max pooling forward and the max-pool gradient op
+(which finds the switches itself) for unpooling; see "Projection on
+receptive-field windows" below. `Deconvnet.deconv_model` builds the same
+steps as a Keras model on whole maps with explicit switches.
+
 No step uses a bias (Section 2.1). So a projection equals the gradient of
 `sum(seed * feature_map)` w.r.t. the input image with each ReLU's backward
 replaced by ReLU of the incoming gradient and ContrastNorm's backward by the
@@ -163,6 +169,11 @@ class DenseLogits(keras.layers.Layer):
         return config
 
 
+def _batch_norm_scale(bn):
+    scale = keras.ops.rsqrt(bn.moving_variance + bn.epsilon)
+    return scale * bn.gamma if bn.scale else scale
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class BatchNormScale(keras.layers.Layer):
     """The deconvnet step of a `BatchNormalization`: its per-channel scale.
@@ -186,11 +197,7 @@ class BatchNormScale(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        bn = self.forward_layer
-        scale = keras.ops.rsqrt(bn.moving_variance + bn.epsilon)
-        if bn.scale:
-            scale = scale * bn.gamma
-        return inputs * keras.ops.cast(scale, inputs.dtype)
+        return inputs * keras.ops.cast(_batch_norm_scale(self.forward_layer), inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -361,10 +368,6 @@ def _feature_points(steps):
     return points
 
 
-def _same_pad_before(size_in, size_out, kernel, stride):
-    return max((size_out - 1) * stride + kernel - size_in, 0) // 2
-
-
 def _geometry(steps):
     """Per step, per axis (a, lo, hi): output unit o covers input [a*o+lo, a*o+hi]."""
     axes = [(1, 0, 0), (1, 0, 0)]
@@ -384,9 +387,9 @@ def _geometry(steps):
             new = []
             for axis, (a, lo, hi) in enumerate(axes):
                 k, s = kernels[axis], strides[axis]
-                pad = 0
-                if layer.padding == "same":
-                    pad = _same_pad_before(step.input_shape[axis], step.output_shape[axis], k, s)
+                pad = zlayers.padding_before(
+                    step.input_shape[axis], step.output_shape[axis], k, s, layer.padding
+                )
                 new.append((a * s, lo - a * pad, a * (k - 1 - pad) + hi))
             axes = new
         elif step.kind in (_FLATTEN, _DENSE):
@@ -396,6 +399,143 @@ def _geometry(steps):
             result.extend([None] * (len(steps) - len(result)))
             break
     return result
+
+
+# ---------------------------------------------------------------------------
+# Projection on receptive-field windows (what `Deconvnet.project` runs).
+#
+# A single unit's signal is zero outside its receptive field at every layer
+# below it, so each request travels down as a window: at each step its start
+# (per request, dynamic) and size (per layer, static) are those of the unit's
+# receptive field in that step's output, and only the window is computed. A
+# transposed convolution of a window is the full ('VALID') transposed
+# convolution, placed at start * stride - padding; what falls outside the map
+# (on the forward padding) is zeroed. Unpooling is the max-pool gradient op
+# (MaxPoolGrad) on the window of the pool's input: it finds the switches in
+# the window itself, ties to the first maximum like the forward pool, so no
+# switches are computed in the forward pass (max_pool_with_argmax costs ~20x
+# a max pool on CPU). Where a window would be larger than its map (a whole
+# map, fc layers, or the deep layers of a small model) the step runs on the
+# whole map instead.
+
+
+def _positions(start, size, limit):
+    """(R, size) positions start + i and whether they are inside [0, limit)."""
+    positions = start[:, None] + tf.range(size, dtype=start.dtype)[None, :]
+    return positions, (positions >= 0) & (positions < limit)
+
+
+def _windows(maps, rows, start, size, fill):
+    """Windows of `maps`: (R, h, w, C), maps[rows[r], start[r] + (i, j)], `fill` outside."""
+    height, width = int(maps.shape[1]), int(maps.shape[2])
+    ys, inside_y = _positions(start[:, 0], size[0], height)
+    xs, inside_x = _positions(start[:, 1], size[1], width)
+    shape = tf.stack([tf.shape(rows)[0], size[0], size[1]])
+    index = tf.stack(
+        [
+            tf.broadcast_to(rows[:, None, None], shape),
+            tf.broadcast_to(tf.clip_by_value(ys, 0, height - 1)[:, :, None], shape),
+            tf.broadcast_to(tf.clip_by_value(xs, 0, width - 1)[:, None, :], shape),
+        ],
+        axis=-1,
+    )
+    inside = inside_y[:, :, None, None] & inside_x[:, None, :, None]
+    return tf.where(inside, tf.gather_nd(maps, index), tf.constant(fill, maps.dtype))
+
+
+def _zero_outside(signal, start, limits):
+    _, inside_y = _positions(start[:, 0], int(signal.shape[1]), limits[0])
+    _, inside_x = _positions(start[:, 1], int(signal.shape[2]), limits[1])
+    inside = inside_y[:, :, None, None] & inside_x[:, None, :, None]
+    return tf.where(inside, signal, tf.zeros_like(signal))
+
+
+def _whole(signal, start, size):
+    """A window placed in its whole map of `size` (zeros elsewhere)."""
+    rows = tf.range(tf.shape(signal)[0])
+    return _windows(signal, rows, -start, size, 0.0)
+
+
+def _fits(signal, kernel, strides, size):
+    """Whether the window below `signal` (through kernel, strides) fits in `size`."""
+    return all((int(signal.shape[1 + a]) - 1) * strides[a] + kernel[a] <= size[a] for a in range(2))
+
+
+def _starts_below(start, step, kernel, strides):
+    pads = [
+        zlayers.padding_before(
+            step.input_shape[a], step.output_shape[a], kernel[a], strides[a], step.layer.padding
+        )
+        for a in range(2)
+    ]
+    return start * tf.constant(strides, start.dtype) - tf.constant(pads, start.dtype)
+
+
+def _conv_down(step, signal, start):
+    layer = step.layer
+    kernel, strides = layer.kernel_size, layer.strides
+    size_in, size_out = step.input_shape[:2], step.output_shape[:2]
+    if start is not None and not _fits(signal, kernel, strides, size_in):
+        signal, start = _whole(signal, start, size_out), None
+    full = zlayers.transpose_convolution(signal, layer.kernel, strides, layer.groups)
+    if start is None:
+        return zlayers.crop_transposed(
+            full, size_in, size_out, kernel, strides, layer.padding
+        ), None
+    start = _starts_below(start, step, kernel, strides)
+    return _zero_outside(full, start, size_in), start
+
+
+def _unpool_down(step, signal, start, pool_input, rows):
+    layer = step.layer
+    kernel, strides = layer.pool_size, layer.strides
+    size_in, size_out = step.input_shape[:2], step.output_shape[:2]
+    if start is not None and not _fits(signal, kernel, strides, size_in):
+        signal, start = _whole(signal, start, size_out), None
+    if start is None:
+        inputs, padding = tf.gather(pool_input, rows), layer.padding.upper()
+    else:
+        start = _starts_below(start, step, kernel, strides)
+        size = [(int(signal.shape[1 + a]) - 1) * strides[a] + kernel[a] for a in range(2)]
+        # Cells outside the map never win, as in a 'same' pool's padding.
+        inputs = _windows(pool_input, rows, start, size, pool_input.dtype.min)
+        padding = "VALID"
+    pooled = tf.nn.max_pool2d(inputs, kernel, strides, padding)
+    unpooled = tf.raw_ops.MaxPoolGrad(
+        orig_input=inputs,
+        orig_output=pooled,
+        grad=signal,
+        ksize=[1, *kernel, 1],
+        strides=[1, *strides, 1],
+        padding=padding,
+    )
+    return unpooled, start
+
+
+def _step_down(step, signal, start, pool_input, rows):
+    """One deconvnet step: the signal in `step`'s output -> in its input."""
+    kind, layer = step.kind, step.layer
+    if kind == _RELU or (kind in (_CONV, _DENSE) and step.relu):
+        signal = tf.nn.relu(signal)
+    if kind == _CONV:
+        return _conv_down(step, signal, start)
+    if kind == _POOL:
+        return _unpool_down(step, signal, start, pool_input, rows)
+    if kind == _DENSE:
+        return tf.matmul(signal, tf.convert_to_tensor(layer.kernel), transpose_b=True), None
+    if kind == _FLATTEN:
+        return tf.reshape(signal, [-1, *step.input_shape]), None
+    if kind == _BN:
+        return signal * tf.cast(_batch_norm_scale(layer), signal.dtype), start
+    if kind == _PAD:
+        (top, bottom), (left, right) = layer.padding
+        if start is None:
+            height, width = step.output_shape[:2]
+            return signal[:, top : height - bottom, left : width - right, :], None
+        start = start - tf.constant([top, left], start.dtype)
+        return _zero_outside(signal, start, step.input_shape[:2]), start
+    # ContrastNorm, Dropout, linear/softmax Activation, ReLU: passed through.
+    return signal, start
 
 
 # ---------------------------------------------------------------------------
@@ -448,11 +588,12 @@ class Deconvnet:
     The forward layers are shared, not copied: training the model, or
     assigning its weights, changes the deconvnet at once.
 
-    Internally, a "probe" model replays the model's layers with
-    `MaxPoolWithArgmax` in place of each `MaxPooling2D` and outputs the feature
-    maps of all visualizable layers and all switches; each visualizable layer
-    gets a deconv model (`deconv_model(layer)`) from its feature map (and the
-    switches of the pools below it) to pixels.
+    `project` runs the model's own layers forward (plain max pooling), keeping
+    the feature maps asked for and the inputs of the pools, then sends each
+    request down on its receptive-field windows (see "Projection on
+    receptive-field windows" above). The same deconvnet is also available as
+    Keras models: `probe_model` (the forward model with `MaxPoolWithArgmax`
+    switches) and `deconv_model(layer)` (feature map and switches -> pixels).
 
     Args:
         model: a linear-chain Keras CNN (see the module docstring).
@@ -473,7 +614,7 @@ class Deconvnet:
         self._input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         self._pool_steps = [i for i, s in enumerate(self._steps) if s.kind == _POOL]
         self.layer_names = tuple(sorted(self._points, key=self._points.get))
-        self._probes, self._probe_fns = {}, {}
+        self._probes, self._forward_fns = {}, {}
         self.probe = self.probe_model()
         self._deconv_models = {}
         self._projectors = {}
@@ -542,9 +683,6 @@ class Deconvnet:
         outputs = {"activations": activations, "switches": switches}
         probe = keras.Model(inputs, outputs, name=f"{self.model.name}_probe_{layer}")
         self._probes[layer] = probe
-        self._probe_fns[layer] = tf.function(
-            lambda images: probe(images, training=False), reduce_retracing=True
-        )
         return probe
 
     def deconv_model(self, layer):
@@ -642,21 +780,46 @@ class Deconvnet:
             )
         return images
 
-    def _forward(self, images, layers, batch_size):
-        deepest = max(layers, key=self._points.get)
-        self.probe_model(deepest)
-        probe = self._probe_fns[deepest]
-        activations, switches = {}, []
+    def _forward_fn(self, layers, pool_inputs):
+        """A compiled forward pass: {"activations": {layer: map}, "pool_inputs": [...]}.
+
+        The model's own layers (plain pooling) up to the deepest of `layers`;
+        with `pool_inputs`, also the input of every pool below it (what
+        unpooling needs).
+        """
+        key = (tuple(layers), pool_inputs)
+        if key in self._forward_fns:
+            return self._forward_fns[key]
+        wanted = {self._points[name]: name for name in layers}
+        inputs = keras.Input(shape=self._input_shape, name="images")
+        x = inputs
+        activations, pools = {}, []
+        for index, step in enumerate(self._steps[: max(wanted) + 1]):
+            if step.kind == _POOL and pool_inputs:
+                pools.append(x)
+            if step.logits:
+                x = DenseLogits(step.layer, name=f"forward_{step.layer.name}_logits")(x)
+            else:
+                x = step.layer(x)
+            if index in wanted:
+                activations[wanted[index]] = x
+        model = keras.Model(inputs, {"activations": activations, "pool_inputs": pools})
+        function = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        self._forward_fns[key] = function
+        return function
+
+    def _forward(self, images, layers, batch_size, pool_inputs=False):
+        layers = sorted(set(layers), key=self._points.get)
+        forward = self._forward_fn(layers, pool_inputs)
+        activations, pools = {}, []
         for start in range(0, len(images), batch_size):
-            outputs = probe(tf.constant(images[start : start + batch_size]))
+            outputs = forward(tf.constant(images[start : start + batch_size]))
             for name, value in outputs["activations"].items():
                 activations.setdefault(name, []).append(value)
-            switches.append(outputs["switches"])
-        activations = {name: tf.concat(parts, 0) for name, parts in activations.items()}
-        # Chunks carry their own batch offsets in the switches; MaxUnpool only
-        # uses the position within one example, so concatenating is safe.
-        switches = [tf.concat(parts, 0) for parts in zip(*switches, strict=True)]
-        return activations, switches
+            pools.append(outputs["pool_inputs"])
+        activations = {name: _concat(parts) for name, parts in activations.items()}
+        pools = [_concat(parts) for parts in zip(*pools, strict=True)]
+        return activations, pools
 
     def activations(self, images, layers=None, batch_size=32):
         """Feature maps of `layers` for a batch of model inputs.
@@ -683,28 +846,38 @@ class Deconvnet:
         key = (layer, whole_map)
         if key in self._projectors:
             return self._projectors[key]
-        deconv = self.deconv_model(layer)
+        point = self._points[layer]
         shape = self.map_shape(layer)
         rectified = self._rectified[layer]
+        steps = self._steps[: point + 1]
 
-        def project(activation, switches, rows, channels, ys, xs):
+        def project(activation, pool_inputs, rows, channels, ys, xs):
             # The seed: the chosen activation(s) of one map, all else zero.
             # A non-rectified unit (a class score) is seeded with 1.
             mask = tf.one_hot(channels, shape[-1], dtype=activation.dtype)
+            start = None  # None: the signal is the whole map, else a window at start.
             if len(shape) == 1:
                 seed = tf.gather(activation, rows) if rectified else tf.ones_like(mask)
                 signal = seed * mask
-            else:
+            elif whole_map:
                 maps = tf.gather_nd(
                     tf.transpose(activation, [0, 3, 1, 2]), tf.stack([rows, channels], axis=1)
                 )
-                if not whole_map:
-                    unit = tf.one_hot(ys * shape[1] + xs, shape[0] * shape[1], dtype=maps.dtype)
-                    unit = tf.reshape(unit, tf.shape(maps))
-                    maps = maps * unit if rectified else unit
                 signal = maps[..., None] * mask[:, None, None, :]
-            routed = [tf.gather(s, rows) for s in switches]
-            return deconv([signal, *routed], training=False)
+            else:
+                if rectified:
+                    unit = tf.gather_nd(activation, tf.stack([rows, ys, xs, channels], axis=1))
+                else:
+                    unit = tf.ones_like(ys, activation.dtype)
+                signal = (unit[:, None] * mask)[:, None, None, :]
+                start = tf.stack([ys, xs], axis=1)
+            for index in range(point, -1, -1):
+                signal, start = _step_down(
+                    steps[index], signal, start, pool_inputs.get(index), rows
+                )
+            if start is not None:
+                signal = _whole(signal, start, self._input_shape[:2])
+            return signal
 
         function = tf.function(project, reduce_retracing=True)
         self._projectors[key] = function
@@ -788,7 +961,9 @@ class Deconvnet:
 
         # One forward pass per distinct image.
         distinct, local_rows = np.unique(rows, return_inverse=True)
-        activations, switches = self._forward(images[distinct], names, batch_size)
+        activations, pool_inputs = self._forward(
+            images[distinct], names, batch_size, pool_inputs=True
+        )
 
         height, width, depth = self._input_shape
         projections = np.zeros((count, height, width, depth), np.float32)
@@ -818,16 +993,13 @@ class Deconvnet:
                     boxes[where] = self._map_boxes(name, maps, boxes[where])
             out_positions[where] = np.stack([ys, xs], axis=1)
             projector = self._projector(name, mode == "map" and positions is None)
-            needed = [switches[k] for k in self._pools_below(name)]
+            needed = {self._pool_steps[k]: pool_inputs[k] for k in self._pools_below(name)}
             for start in range(0, len(where), batch_size):
                 part = slice(start, start + batch_size)
                 projections[where[part]] = projector(
                     activation,
                     needed,
-                    tf.constant(r[part]),
-                    tf.constant(c[part]),
-                    tf.constant(ys[part]),
-                    tf.constant(xs[part]),
+                    *(tf.constant(v[part], tf.int32) for v in (r, c, ys, xs)),
                 ).numpy()
         return Projections(
             projections=projections,
@@ -855,6 +1027,10 @@ class Deconvnet:
         high = self._boxes(layer, y_last, x_last)
         boxes = np.concatenate([low[:, :2], high[:, 2:]], axis=1)
         return np.where(nonempty[:, None], boxes, fallback)
+
+
+def _concat(parts):
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
 
 def strongest_channels(activation, top):

@@ -1,8 +1,9 @@
 """Distribution strategies for training: default, mirrored, multi-worker, TPU.
 
 `make_strategy(name)` builds the `tf.distribute.Strategy` the training loop
-runs under; `is_chief`, `worker_dir`, `backup_dir` and
-`distribute_dataset_options` are what a multi-worker run needs beside it.
+runs under; `is_chief`, `num_workers`, `worker_dir`, `backup_dir`,
+`all_gather_int` and `distribute_dataset_options` are what a multi-worker
+run needs beside it.
 
 How a training loop calls `fit` under 'multi_worker'
 ----------------------------------------------------
@@ -20,9 +21,12 @@ Every worker runs the same program with its own TF_CONFIG:
    3.15, mirrored too).
 5. Give every worker the same callbacks: checkpoints and exports to
    `worker_dir(workdir, strategy)` (only the chief's survive; call
-   `remove_worker_dir` after `fit`), `BackupAndRestore` to
+   `remove_worker_dir` after `fit`), training checkpoints
+   (`zfkeras.checkpoint`, or Keras' `BackupAndRestore`) to
    `backup_dir(workdir, strategy)`, progress output (`verbose`) and summaries
-   only where `is_chief(strategy)`.
+   only where `is_chief(strategy)`. Workers checkpoint at the same batches;
+   a kill can still fall between two workers' writes, so a resuming run
+   compares positions first (`all_gather_int`).
 
 The logged loss and metrics are means over replicas of each replica's own
 value, identical on every worker.
@@ -161,14 +165,17 @@ def _worker_temp(workdir, strategy):
 
 
 def backup_dir(workdir, strategy, name="backup"):
-    """The `keras.callbacks.BackupAndRestore` directory of this worker.
+    """The training-checkpoint directory of this worker.
+
+    `zfkeras.train` keeps its crash-safe checkpoints there (older versions,
+    and `keras.callbacks.BackupAndRestore`, their backup files).
 
     Unlike `worker_dir`, this one must survive a restart on every worker:
     restored weights are not broadcast between workers, so each restores its
     own copy (the copies are identical because the variables are mirrored).
     The chief uses `workdir/<name>`, worker i `workdir/<name>_worker<i>`;
-    siblings, not nested, because the callback deletes its directory when
-    training ends.
+    siblings, not nested, because `BackupAndRestore` deletes its directory
+    when training ends.
 
     Args:
         workdir: the run's work directory.
@@ -182,6 +189,30 @@ def backup_dir(workdir, strategy, name="backup"):
         return os.path.join(workdir, name)
     _, task_id, _ = _task(strategy)
     return os.path.join(workdir, f"{name}_worker{task_id}")
+
+
+def num_workers(strategy):
+    """Worker processes training together: 1 unless multi-worker."""
+    task_type, _, cluster = _task(strategy)
+    if task_type is None:
+        return 1
+    return sum(len(tasks) for tasks in cluster.values())
+
+
+def all_gather_int(strategy, value):
+    """Every replica's `value` (a Python int), gathered on every worker.
+
+    A collective: under multi-worker training every worker must call it at
+    the same point. Each worker's value appears once per local replica.
+
+    Returns:
+        A list of ints ([value] for a single worker).
+    """
+    if num_workers(strategy) < 2:
+        return [int(value)]
+    local = strategy.run(lambda: tf.constant([int(value)], tf.int64))
+    gathered = strategy.gather(local, axis=0)
+    return [int(v) for v in gathered.numpy()]
 
 
 def distribute_dataset_options(dataset, strategy, by_files=False):

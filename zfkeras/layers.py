@@ -8,6 +8,10 @@
 - `MaxUnpool`: places values at their switches, summing coincident ones.
 - `TiedConv2DTranspose`: a `Conv2DTranspose` whose kernel IS the kernel
   variable of a forward `Conv2D`.
+
+Functions: `transpose_convolution` (the full transposed convolution, with a
+fast path for few output channels) and `padding_before` (TensorFlow's padding
+rule), shared by the layers and the deconvnet's receptive-field windows.
 """
 
 import keras
@@ -32,6 +36,154 @@ def _padding(value):
     if value not in ("valid", "same"):
         raise ValueError(f"`padding` must be 'valid' or 'same'. Received: padding={value!r}")
     return value
+
+
+def padding_before(size_in, size_out, kernel, stride, padding):
+    """Rows (or columns) of zeros TensorFlow adds before a map for a conv or pool.
+
+    Args:
+        size_in, size_out: the map's size along one axis before and after.
+        kernel, stride: the window along that axis.
+        padding: 'valid' or 'same'.
+    """
+    if padding == "valid":
+        return 0
+    return max((size_out - 1) * stride + kernel - size_in, 0) // 2
+
+
+# Below this many output channels per group, TensorFlow's CPU kernel for a
+# strided conv2d_transpose (Conv2DBackpropInput) is slow: 2.7x slower than the
+# phase decomposition for ZFNet's conv1 (3 channels, 7x7/2), but 1.3x faster
+# for conv2 (96 channels, 5x5/2), measured on 2 cores (see BENCHMARKS.md).
+_PHASE_MAX_CHANNELS = 8
+
+
+def _phase_kernel(kernel, stride):
+    """The stride-1 kernel of the phase decomposition of a transposed conv.
+
+    Output pixel q * s + a of the transposed convolution sums signal[q - m] *
+    kernel[m * s + a] over m: for each phase a, a stride-1 correlation with a
+    sub-kernel. All s*s phases become the channels of one stride-1 conv
+    (flipped sub-kernels of ceil(k / s) taps, zero-padded), and
+    `depth_to_space` interleaves them into the output grid.
+    """
+    k_h, k_w, channels_in, channels_out = kernel.shape
+    taps = max(-(-k_h // stride), -(-k_w // stride))
+    padded = tf.pad(kernel, [[0, taps * stride - k_h], [0, taps * stride - k_w], [0, 0], [0, 0]])
+    phases = tf.reshape(padded, [taps, stride, taps, stride, channels_in, channels_out])
+    phases = tf.reverse(phases, axis=[0, 2])
+    # (taps_y, taps_x, out, phase_y, phase_x, in): depth_to_space's channel order.
+    phases = tf.transpose(phases, [0, 2, 5, 1, 3, 4])
+    return tf.reshape(phases, [taps, taps, channels_out, stride * stride * channels_in]), taps
+
+
+def _transpose_one(signal, kernel, strides):
+    (k_h, k_w, channels_in, _), (s_h, s_w) = kernel.shape, strides
+    batch, height, width = tf.shape(signal)[0], int(signal.shape[1]), int(signal.shape[2])
+    out_h, out_w = (height - 1) * s_h + k_h, (width - 1) * s_w + k_w
+    if s_h == s_w > 1 and channels_in <= _PHASE_MAX_CHANNELS:
+        phase_kernel, taps = _phase_kernel(kernel, s_h)
+        margin = [[0, 0], [taps - 1, taps - 1], [taps - 1, taps - 1], [0, 0]]
+        phases = tf.nn.conv2d(tf.pad(signal, margin), phase_kernel, 1, "VALID")
+        return tf.nn.depth_to_space(phases, s_h)[:, :out_h, :out_w, :]
+    shape = tf.stack([batch, out_h, out_w, channels_in])
+    return tf.nn.conv2d_transpose(signal, kernel, shape, (1, s_h, s_w, 1), "VALID")
+
+
+def crop_transposed(full, input_size, output_size, kernel_size, strides, padding):
+    """The forward convolution's input frame of a `transpose_convolution`.
+
+    Drops what fell on the forward padding and adds zero rows (columns) where
+    a 'valid' convolution never read its input's last rows.
+
+    Args:
+        full: the full transposed convolution (N, H', W', C).
+        input_size: (H, W) of the forward convolution's input.
+        output_size: (h, w) of its output (the signal's size).
+        kernel_size, strides, padding: the forward convolution's.
+
+    Returns:
+        float (N, H, W, C).
+    """
+    starts, missing = [], []
+    for axis in range(2):
+        start = padding_before(
+            input_size[axis], output_size[axis], kernel_size[axis], strides[axis], padding
+        )
+        starts.append(start)
+        missing.append(max(input_size[axis] - (int(full.shape[axis + 1]) - start), 0))
+    (top, left), (height, width) = starts, input_size
+    cropped = full[:, top : top + height - missing[0], left : left + width - missing[1], :]
+    if missing[0] or missing[1]:
+        cropped = tf.pad(cropped, [[0, 0], [0, missing[0]], [0, missing[1]], [0, 0]])
+    return cropped
+
+
+def transpose_convolution(signal, kernel, strides, groups=1):
+    """The full ('VALID') transposed convolution by a forward Conv2D kernel.
+
+    The input gradient of a 'valid' convolution, before any cropping: output
+    row y receives every signal row o with o * s <= y < o * s + k, so the
+    output is ((h - 1) * s + k) x ((w - 1) * s + k). A 'same' or truncated
+    forward convolution is this, cropped (see `TiedConv2DTranspose`).
+
+    Args:
+        signal: float (N, h, w, filters) with static h, w.
+        kernel: the forward kernel (k_h, k_w, in_channels / groups, filters).
+        strides: (s_h, s_w) of the forward convolution.
+        groups: the forward convolution's groups.
+
+    Returns:
+        float (N, (h - 1) * s_h + k_h, (w - 1) * s_w + k_w, in_channels).
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    if groups == 1:
+        return _transpose_one(signal, kernel, strides)
+    signals = tf.split(signal, groups, axis=-1)
+    kernels = tf.split(kernel, groups, axis=-1)
+    return tf.concat([_transpose_one(s, k, strides) for s, k in zip(signals, kernels)], axis=-1)
+
+
+def _channel_window(channels, depth_radius, dtype):
+    """(C, C) matrix: 1 where two channels are at most `depth_radius` apart."""
+    index = tf.range(channels)
+    return tf.cast(tf.abs(index[:, None] - index[None, :]) <= depth_radius, dtype)
+
+
+def contrast_norm(inputs, depth_radius, bias, alpha, beta):
+    """`tf.nn.local_response_normalization` with a faster gradient on CPU.
+
+    The forward pass is TensorFlow's op (a TFLite builtin, so exports keep
+    it). Its gradient kernel (LRNGrad) is slow on CPU: 195 ms of a 1.9 s
+    ZFNet training step at batch 32 for norm1 alone (bench/layer_profile.py).
+    With s = bias + alpha * W (x * x), where W sums each channel's window
+    (a C x C band matrix) and y = x * s^-beta, the input gradient is
+
+        dx = dy * s^-beta - 2 * alpha * beta * x * W (dy * y / s)
+
+    (the window is symmetric, so W is its own transpose): two small matmuls
+    and a few elementwise passes.
+    """
+
+    @tf.custom_gradient
+    def normalize(x):
+        y = tf.nn.local_response_normalization(
+            x, depth_radius=depth_radius, bias=bias, alpha=alpha, beta=beta
+        )
+
+        def gradient(upstream):
+            window = _channel_window(int(x.shape[-1]), depth_radius, x.dtype)
+            scale = bias + alpha * tf.tensordot(tf.square(x), window, axes=1)
+            weighted = tf.tensordot(upstream * y / scale, window, axes=1)
+            if beta == 0.75:  # the paper's: s^-3/4 = rsqrt(s * sqrt(s)), 7x faster than pow
+                factor = tf.math.rsqrt(scale * tf.sqrt(scale))
+            else:
+                factor = tf.pow(scale, -beta)
+            return upstream * factor - (2.0 * alpha * beta) * x * weighted
+
+        return y, gradient
+
+    return normalize(inputs)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -64,13 +216,7 @@ class ContrastNorm(keras.layers.Layer):
         self.beta = float(beta)
 
     def call(self, inputs):
-        return tf.nn.local_response_normalization(
-            inputs,
-            depth_radius=self.depth_radius,
-            bias=self.bias,
-            alpha=self.alpha,
-            beta=self.beta,
-        )
+        return contrast_norm(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -269,22 +415,9 @@ class TiedConv2DTranspose(keras.layers.Conv2DTranspose):
         return self.forward_layer.kernel
 
     def call(self, inputs):
-        shape = tf.shape(inputs)
-        output_shape = tf.stack([shape[0], *self.output_size, self.filters])
-        strides = (1, *self.strides, 1)
-        padding = self.padding.upper()
-        kernel = tf.convert_to_tensor(self.kernel)
-        if self.groups_ == 1:
-            return tf.nn.conv2d_transpose(inputs, kernel, output_shape, strides, padding)
-        signals = tf.split(inputs, self.groups_, axis=-1)
-        kernels = tf.split(kernel, self.groups_, axis=-1)
-        group_shape = tf.stack([shape[0], *self.output_size, self.filters // self.groups_])
-        return tf.concat(
-            [
-                tf.nn.conv2d_transpose(s, k, group_shape, strides, padding)
-                for s, k in zip(signals, kernels)
-            ],
-            axis=-1,
+        full = transpose_convolution(inputs, self.kernel, self.strides, self.groups_)
+        return crop_transposed(
+            full, self.output_size, inputs.shape[1:3], self.kernel_size, self.strides, self.padding
         )
 
     def compute_output_shape(self, input_shape):

@@ -7,7 +7,7 @@ A work dir written by `zfkeras.train` holds:
     model.keras     the final model
     config.json     the training config; flags.txt the tool's flags
     snapshots/      epoch_NNN.keras for the snapshot epochs (Fig. 4)
-    backup/         Keras BackupAndRestore state (resume)
+    backup/         checkpoint.npz, checkpoint.prev.npz: training state (resume)
     tensorboard/    TensorBoard logs
     eval.json       test-split evaluation
 

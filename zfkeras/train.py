@@ -2,16 +2,28 @@
 
 `train_and_evaluate(config)` trains a ZFNet or AlexNet with SGD (momentum 0.9),
 the learning rate lowered when the validation error plateaus (or on an
-explicit schedule), checkpoints every epoch (re-running resumes), keeps the
-snapshot epochs for the feature-evolution figure, logs to TensorBoard, saves
-the final model with its preprocessing, and evaluates it with 1 and 10 crops.
+explicit schedule), keeps the snapshot epochs for the feature-evolution
+figure, logs to TensorBoard, saves the final model with its preprocessing,
+and evaluates it with 1 and 10 crops.
+
+Crash safety: the whole training state is checkpointed (`zfkeras.checkpoint`,
+atomically) every `checkpoint_every_steps` batches and at each epoch end, and
+re-running the same command continues from the last checkpoint at the exact
+batch: each epoch's batches (file order, shuffle, crops, flips) are a pure
+function of (seed, epoch), so a resumed run trains on the batches an
+uninterrupted one would, and with `deterministic=True` ends with bit-identical
+weights. SIGINT or SIGTERM saves a checkpoint at the current batch and stops
+(`Interrupted`); a NaN/Inf loss stops without saving the bad state.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -19,12 +31,19 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from zfkeras import data, distribute, evaluation, fileio, models, runs
+from zfkeras import checkpoint, data, distribute, evaluation, fileio, models, runs
 from zfkeras.errors import Error
 
 LR_SCHEDULES = ("plateau", "step", "cosine", "constant")
 # Fields that may change when a run is resumed with the same work dir.
-_RESUMABLE_CHANGES = ("epochs", "verbose", "snapshot_epochs", "eval_crops", "eval_batch_size")
+_RESUMABLE_CHANGES = (
+    "epochs",
+    "verbose",
+    "snapshot_epochs",
+    "eval_crops",
+    "eval_batch_size",
+    "checkpoint_every_steps",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +92,8 @@ class TrainConfig:
     eval_batch_size: int = 100
     seed: int = 0
     deterministic: bool = False
+    # Batches between checkpoints (0: only at epoch ends); a kill loses at most these.
+    checkpoint_every_steps: int = 100
     strategy: str = "default"
     tpu_address: str = ""
     verbose: int = -1
@@ -92,6 +113,20 @@ class TrainConfig:
         for crops in self.eval_crops:
             if crops not in (1, 10):
                 raise Error(f"eval_crops must be 1 and/or 10, not {crops}")
+        if self.checkpoint_every_steps < 0:
+            raise Error(f"checkpoint_every_steps must be >= 0, not {self.checkpoint_every_steps}")
+
+
+class Interrupted(Error):
+    """Training was stopped by a signal (SIGINT, SIGTERM) after a checkpoint.
+
+    Attributes:
+        exit_code: the conventional shell status, 128 + the signal number.
+    """
+
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 def _check_workdir(config):
@@ -185,19 +220,171 @@ class _NonFiniteLoss(Exception):
 
 
 class _StopOnNonFinite(keras.callbacks.Callback):
-    """Raises (before the epoch's checkpoint) when the loss is NaN or Inf."""
+    """Raises (before any checkpoint of that state) when the loss is NaN or Inf.
 
-    def __init__(self):
+    It must come first among the callbacks, so that `_Checkpointer` never
+    sees the batch that broke the weights.
+    """
+
+    def __init__(self, start=None):
         super().__init__()
+        self.start = start or checkpoint.Position()
         self.epoch = 0
+        self.offset = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+        self.offset = self.start.step if epoch == self.start.epoch else 0
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            raise _NonFiniteLoss(f"epoch {self.epoch + 1}, batch {batch + 1}")
+            raise _NonFiniteLoss(f"epoch {self.epoch + 1}, batch {self.offset + batch + 1}")
+
+
+class _StopAt(Exception):
+    """Raised by `_Checkpointer` after saving on a signal."""
+
+    def __init__(self, position, signum):
+        super().__init__(position)
+        self.position = position
+        self.signum = signum
+
+
+class _Checkpointer(keras.callbacks.Callback):
+    """Saves the training state every `every_steps` batches and at epoch ends.
+
+    It also finishes a resumed epoch early: `fit` runs `steps_per_epoch`
+    batches in every epoch, but the first epoch of a run resumed at step s
+    has only `steps_per_epoch - s` left in the stream, so after those this
+    callback sets `stop_training` (which ends the epoch after its validation)
+    and clears it again in `on_epoch_end`, so the next epochs run. It must be
+    the last callback: its epoch-end checkpoint then includes what the other
+    callbacks changed (the plateau schedule's learning rate and counters).
+
+    Args:
+        folder: the checkpoint folder.
+        start: the `checkpoint.Position` the run starts at.
+        steps_per_epoch: batches per epoch.
+        every_steps: batches between checkpoints within an epoch (0: none).
+        signals: dict whose "signum" a signal handler sets; checked after
+            each batch.
+        lr_callback: the learning-rate callback whose state is checkpointed.
+        saved: the position of the checkpoint on disk, if any.
+        restored_extra: the callback state of the checkpoint resumed from.
+    """
+
+    def __init__(
+        self,
+        folder,
+        start,
+        steps_per_epoch,
+        every_steps,
+        signals,
+        lr_callback=None,
+        saved=None,
+        restored_extra=None,
+    ):
+        super().__init__()
+        self.folder = folder
+        self.start = start
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps
+        self.signals = signals
+        self.lr_callback = lr_callback
+        self.saved = saved
+        self.restored_extra = restored_extra or {}
+        self.save_seconds = []
+        self._epoch = start.epoch
+        self._offset = 0
+        self._cut_short = False
+
+    def on_train_begin(self, logs=None):
+        # ReduceLROnPlateau resets its counters in its own on_train_begin,
+        # which has run by now.
+        _set_plateau_state(self.lr_callback, self.restored_extra.get("plateau"))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._offset = self.start.step if epoch == self.start.epoch else 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._offset + batch + 1
+        if step >= self.steps_per_epoch:
+            if self._offset:
+                self.model.stop_training = True
+                self._cut_short = True
+            return  # the epoch-end checkpoint follows the validation
+        position = checkpoint.Position(self._epoch, step)
+        if self.signals.get("signum") is not None:
+            self._save(position)
+            raise _StopAt(position, self.signals["signum"])
+        if self.every_steps and step % self.every_steps == 0:
+            self._save(position)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._cut_short:
+            self.model.stop_training = False
+            self._cut_short = False
+        position = checkpoint.Position(epoch + 1, 0)
+        self._save(position)
+        if self.signals.get("signum") is not None:
+            raise _StopAt(position, self.signals["signum"])
+
+    def _save(self, position):
+        start = time.monotonic()
+        extra = {"plateau": _plateau_state(self.lr_callback)}
+        checkpoint.save(self.folder, self.model, position, self.steps_per_epoch, extra)
+        self.saved = position
+        self.save_seconds.append(time.monotonic() - start)
+
+
+def _plateau_state(callback):
+    if not isinstance(callback, keras.callbacks.ReduceLROnPlateau):
+        return None
+    return {
+        "wait": int(callback.wait),
+        "best": None if callback.best is None else float(callback.best),
+        "cooldown_counter": int(callback.cooldown_counter),
+    }
+
+
+def _set_plateau_state(callback, state):
+    if state and isinstance(callback, keras.callbacks.ReduceLROnPlateau):
+        callback.wait = int(state["wait"])
+        callback.best = None if state["best"] is None else float(state["best"])
+        callback.cooldown_counter = int(state["cooldown_counter"])
+
+
+@contextlib.contextmanager
+def _signals_caught(enabled):
+    """Turns SIGINT/SIGTERM into a flag that `_Checkpointer` acts on.
+
+    The first signal only sets the flag (the current batch finishes, a
+    checkpoint is saved, training stops); the handlers that were there before
+    come back at once, so a second Ctrl-C interrupts immediately.
+
+    Yields:
+        A dict whose "signum" is set when a signal arrives.
+    """
+    state = {"signum": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        state["signum"] = signum
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, handler)
+    try:
+        yield state
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 class _Snapshots(keras.callbacks.Callback):
@@ -259,7 +446,7 @@ def _evolution_callback(model, val_ds, config, log_dir, count=16):
     return EvolutionCallback(layers, channels, images, log_dir, epochs=config.snapshot_epochs)
 
 
-def _load_split(config, split, shuffle_files=False, channels=None):
+def _load_split(config, split, shuffle_files=False, channels=None, seed=None):
     return data.load(
         config.dataset,
         split,
@@ -268,7 +455,7 @@ def _load_split(config, split, shuffle_files=False, channels=None):
         download=config.download,
         shuffle_files=shuffle_files,
         channels=channels,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
     )
 
 
@@ -278,22 +465,247 @@ def _verbosity(config):
     return 1 if sys.stdout.isatty() else 2
 
 
-def train_and_evaluate(config, flags_text=None):
+def epoch_seed(seed, epoch):
+    """The seed of one epoch's file order, shuffle and augmentation."""
+    state = np.random.SeedSequence([int(seed) % 2**32, int(epoch)]).generate_state(1)
+    return int(state[0] >> 1)
+
+
+def steps_per_epoch(config):
+    """Training batches per epoch (the last incomplete batch is dropped).
+
+    Raises:
+        Error: the training split has fewer examples than one batch.
+    """
+    raw, _ = _load_split(config, config.train_split)
+    count = int(raw.cardinality())
+    if count < 0:  # unknown: count once, without decoding
+        count = int(
+            raw.map(lambda *example: tf.constant(1, tf.int64)).reduce(
+                tf.constant(0, tf.int64), lambda total, one: total + one
+            )
+        )
+    steps = count // config.batch_size
+    if steps < 1:
+        raise Error(
+            f"training split {config.train_split!r} has {count} examples, fewer than "
+            f"one batch (batch_size {config.batch_size})"
+        )
+    return steps
+
+
+def train_stream(config, preprocessing, mean, steps, start, epochs=None):
+    """The training batches from `start` to the last epoch, as one dataset.
+
+    The resumable form of `data.train_batches`: the same view, mean
+    subtraction, random crop and flip, but each epoch's batches are a pure
+    function of (config.seed, epoch), independent of what ran before in the
+    process: the epoch's file order and shuffle use `epoch_seed(seed, epoch)`,
+    and each example's crop and flip use stateless random ops seeded by that
+    seed and the example's place in the epoch. A run resumed at
+    (epoch e, step s) therefore gets exactly the batches an uninterrupted run
+    trains on from there. The s skipped batches are read (the shuffle needs
+    them) but not augmented, nor viewed when the raw images are small
+    (`_raw_fits_in_view`).
+
+    Args:
+        config: a `TrainConfig`.
+        preprocessing: a `data.Preprocessing`.
+        mean: float32 (resize, resize, C) mean view.
+        steps: batches per epoch (`steps_per_epoch`).
+        start: the `checkpoint.Position` to start at.
+        epochs: last epoch (exclusive); default `config.epochs`.
+
+    Returns:
+        A dataset of (float32 images (B, crop, crop, C), int64 labels (B,)),
+        `steps` batches per epoch (fewer for a resumed first epoch), of
+        unknown cardinality (with a known one Keras starts the stream anew,
+        and prefetches from it, after the last epoch; `fit` takes
+        `steps_per_epoch=steps`).
+    """
+    epochs = config.epochs if epochs is None else epochs
+    crop, channels = preprocessing.crop_size, preprocessing.channels
+    batch = config.batch_size
+    mean = tf.constant(mean, tf.float32)
+    scale = float(preprocessing.input_scale)
+
+    def views(raw):
+        return raw.map(
+            lambda image, label: (data.view(image, preprocessing), label),
+            num_parallel_calls=data.AUTOTUNE,
+        )
+
+    def raw(seed):
+        return _load_split(config, config.train_split, shuffle_files=True, seed=seed)[0]
+
+    cached = None
+    if config.cache:
+        # One cache for all epochs (its file order is fixed by config.seed).
+        cached = _fresh_per_iterator(lambda: views(raw(config.seed))).cache()
+
+    def epoch_batches(epoch, skip):
+        seed = epoch_seed(config.seed, epoch)
+        if cached is not None:
+            source, view_later = cached, False
+        else:
+            source = raw(seed)
+            view_later = _raw_fits_in_view(source, preprocessing)
+            if not view_later:
+                source = views(source)
+        ds = source.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        ds = ds.take(steps * batch).enumerate().skip(skip * batch)
+
+        def augment(index, example):
+            image, label = example
+            if view_later:
+                image = data.view(image, preprocessing)
+            crop_seed, flip_seed = tf.unstack(
+                tf.random.split(tf.stack([tf.constant(seed, tf.int64), index]), 2)
+            )
+            image = (tf.cast(image, tf.float32) - mean) * scale
+            image = tf.image.stateless_random_crop(image, [crop, crop, channels], seed=crop_seed)
+            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+            return image, label
+
+        ds = ds.map(augment, num_parallel_calls=data.AUTOTUNE)
+        return ds.batch(batch, drop_remainder=True)
+
+    stream = None
+    for epoch in range(start.epoch, epochs):
+        skip = start.step if epoch == start.epoch else 0
+        part = _fresh_per_iterator(lambda epoch=epoch, skip=skip: epoch_batches(epoch, skip))
+        stream = part if stream is None else stream.concatenate(part)
+    if stream is None:
+        raise Error(f"nothing to train: the run is at epoch {start.epoch} of {epochs}")
+    return stream.prefetch(data.AUTOTUNE)
+
+
+def _raw_fits_in_view(raw, preprocessing):
+    """Whether raw images are no bigger than their views (fixed-size datasets
+    such as Fashion-MNIST or CIFAR at the paper's upscaling).
+
+    Such images are shuffled before the view is made: the shuffle buffer is
+    then smaller, and a resumed epoch skips its done batches without making
+    their views. The batches are the same either way (the shuffle's order
+    does not depend on the values, and the view is per image); images of
+    unknown or larger size are shuffled as views to bound the buffer.
+    """
+    shape = raw.element_spec[0].shape
+    if not shape.is_fully_defined():
+        return False
+    size = preprocessing.resize_size
+    return shape.num_elements() <= size * size * preprocessing.channels
+
+
+def _fresh_per_iterator(make):
+    """A dataset that runs `make()` anew for every iterator over it.
+
+    Some input stages keep state between iterations of one dataset object:
+    file shuffling with `reshuffle_each_iteration=True` (`data.load`) gives
+    each new iterator the next order. Keras under a distribution strategy
+    opens the training data once just to build the model, so without this the
+    order would depend on how many iterators came before. Built inside
+    `flat_map`, the stages are created for each iterator and always give
+    their first order.
+    """
+    return tf.data.Dataset.from_tensors(np.int64(0)).flat_map(lambda _: make())
+
+
+def _restore(model, folder, strategy, steps):
+    """Restores the newest checkpoint of `folder` into `model`.
+
+    Returns:
+        (the Position to start at, the restored file or None, its callback
+        state dict).
+    """
+    fileio.remove_stale_temps(folder)
+    loaded = checkpoint.load(folder)
+    if loaded is None:
+        old = checkpoint.keras_backup_position(folder)
+        _agree(strategy, folder, old or checkpoint.Position())
+        if old is None:
+            return checkpoint.Position(), None, {}
+        # A work dir of an older zfkeras: weights and optimizer state, at an
+        # epoch boundary (its batch order differs from the current one).
+        checkpoint.restore_keras_backup(model, folder)
+        return old, os.path.join(folder, checkpoint.KERAS_BACKUP_WEIGHTS), {}
+    agreed = _agree(strategy, folder, loaded.position)
+    if agreed == checkpoint.Position() != loaded.position:
+        return agreed, None, {}
+    if agreed != loaded.position:
+        loaded = checkpoint.read(os.path.join(folder, checkpoint.PREVIOUS))
+    position = loaded.position
+    if position.step and int(loaded.state["steps_per_epoch"]) != steps:
+        raise Error(
+            f"{loaded.path}: saved at {position.describe()} of "
+            f"{loaded.state['steps_per_epoch']} batches per epoch, but the training split "
+            f"now gives {steps}; use a new --workdir"
+        )
+    checkpoint.restore(model, loaded)
+    return position, loaded.path, loaded.state.get("extra", {})
+
+
+def _agree(strategy, folder, position):
+    """Makes every worker of a multi-worker run resume at the same position.
+
+    Workers save at the same batches, but a kill can fall between two
+    workers' renames, leaving one a checkpoint ahead; that worker then takes
+    its previous checkpoint, which is the others' latest.
+
+    Returns:
+        The position this worker must restore.
+
+    Raises:
+        Error: the workers' checkpoints cannot be matched.
+    """
+    if distribute.num_workers(strategy) < 2:
+        return position
+    here = _global_step(position)
+    everyone = distribute.all_gather_int(strategy, here)
+    target = min(everyone)
+    if here == target:
+        return position
+    if target == 0:
+        logging.warning("workers disagree (%s): starting from scratch", everyone)
+        return checkpoint.Position()
+    previous_path = os.path.join(folder, checkpoint.PREVIOUS)
+    if os.path.exists(previous_path):
+        previous = checkpoint.read(previous_path).position
+        if _global_step(previous) == target:
+            logging.warning("workers disagree (%s): resuming at %s", everyone, previous)
+            return previous
+    raise Error(
+        f"{folder}: this worker's checkpoint is at {position.describe()}, the other "
+        "workers' are older and cannot be matched; restart with a new --workdir"
+    )
+
+
+def _global_step(position):
+    # Epoch and step packed in one integer that orders positions.
+    return position.epoch * 2**32 + position.step
+
+
+def train_and_evaluate(config, flags_text=None, report=None):
     """Trains the model of `config` in `config.workdir` and evaluates it.
 
-    Re-running with the same config resumes from the last finished epoch.
+    Re-running with the same config resumes from the last checkpoint, at the
+    exact batch it was taken at.
 
     Args:
         config: a `TrainConfig`.
         flags_text: the calling tool's flags as a flagfile, kept as flags.txt.
+        report: optional callable taking a one-line status message (where a
+            run resumes).
 
     Returns:
         dict with the evaluation results, wall time and file locations.
 
     Raises:
-        Error: bad data, work dir or config; a NaN/Inf loss.
+        Interrupted: SIGINT or SIGTERM (a checkpoint was saved first).
+        Error: bad data, work dir or config; a NaN/Inf loss; a write failure.
     """
-    start = time.time()
+    start_time = time.time()
+    report = report or (lambda message: logging.info("%s", message))
     resumed = _check_workdir(config)
     workdir = config.workdir
     # Multi-worker strategies must exist before any other TensorFlow op.
@@ -303,12 +715,14 @@ def train_and_evaluate(config, flags_text=None):
         tf.config.experimental.enable_op_determinism()
     chief = distribute.is_chief(strategy)
     if chief:
+        # What writers killed mid-write left (the outputs themselves are intact).
+        for folder in (workdir, os.path.join(workdir, runs.SNAPSHOT_DIR)):
+            fileio.remove_stale_temps(folder)
         fileio.write_json(os.path.join(workdir, runs.CONFIG_FILE), dataclasses.asdict(config))
         if flags_text is not None:
             fileio.write_text(os.path.join(workdir, "flags.txt"), flags_text)
 
-    train_raw, info = _load_split(config, config.train_split, shuffle_files=True)
-    verbose = _verbosity(config) if chief else 0
+    _, info = _load_split(config, config.train_split, shuffle_files=True)
     channels = config.channels or info.channels
     preprocessing = data.Preprocessing(
         config.resize_size, config.crop_size, channels, config.input_scale
@@ -328,23 +742,15 @@ def train_and_evaluate(config, flags_text=None):
             info,
             {"architecture": config.architecture, "train_split": config.train_split},
         )
+    steps = steps_per_epoch(config)
 
-    train_ds = data.train_batches(
-        train_raw,
-        preprocessing,
-        mean,
-        config.batch_size,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        cache=config.cache,
-    )
     val_raw, _ = _load_split(config, config.val_split, channels=channels)
     val_ds = data.eval_batches(
         val_raw, preprocessing, mean, config.eval_batch_size, 1, cache=config.cache
     )
-    train_ds = distribute.distribute_dataset_options(train_ds, strategy)
     val_ds = distribute.distribute_dataset_options(val_ds, strategy)
 
+    folder = distribute.backup_dir(workdir, strategy)
     with strategy.scope():
         model = build_model(config, info.num_classes, channels)
         optimizer = keras.optimizers.SGD(
@@ -361,42 +767,26 @@ def train_and_evaluate(config, flags_text=None):
                 keras.metrics.SparseTopKCategoricalAccuracy(k=k, name=f"top{k}"),
             ],
         )
+        start, restored_from, extra = _restore(model, folder, strategy, steps)
+    if restored_from and chief:
+        report(f"resuming at {start.describe(steps)} from {restored_from}")
+    saved = start if restored_from else None
 
-    backup_dir = distribute.backup_dir(workdir, strategy)
-    callbacks = [
-        _StopOnNonFinite(),
-        keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
-    ]
-    lr_callback = _lr_callback(config)
-    if lr_callback is not None:
-        callbacks.append(lr_callback)
-    if chief:
-        log_dir = os.path.join(workdir, "tensorboard")
-        callbacks += [
-            _Snapshots(workdir, config.snapshot_epochs),
-            keras.callbacks.TensorBoard(log_dir, write_graph=False, update_freq="epoch"),
-            _FilterImages(log_dir),
-        ]
-        if config.evolution_maps:
-            callbacks.append(_evolution_callback(model, val_ds, config, log_dir))
-    try:
-        history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=config.epochs,
-            callbacks=callbacks,
-            verbose=verbose,
+    history = None
+    if start.epoch < config.epochs:
+        train_ds = train_stream(config, preprocessing, mean, steps, start)
+        history = _fit(
+            config,
+            model,
+            strategy,
+            distribute.distribute_dataset_options(train_ds, strategy),
+            val_ds,
+            steps,
+            checkpoint_folder=folder,
+            start=start,
+            saved=saved,
+            extra=extra,
         )
-    except _NonFiniteLoss as e:
-        raise Error(
-            f"loss became NaN/Inf at {e}; stopped, the last good epoch is kept in "
-            f"{backup_dir}; lower --learning_rate"
-        ) from None
-    except KeyboardInterrupt:
-        raise Error(
-            f"interrupted; finished epochs are saved in {backup_dir}: run the same "
-            "command again to resume"
-        ) from None
 
     results = {"workdir": workdir, "resumed": resumed, "history": _history(history)}
     if chief:
@@ -409,14 +799,101 @@ def train_and_evaluate(config, flags_text=None):
         results[f"test_{crops}crop"] = evaluation.evaluate(
             model, test_raw, preprocessing, mean, crops, config.eval_batch_size
         )
-    results["wall_time_s"] = round(time.time() - start, 1)
+    results["wall_time_s"] = round(time.time() - start_time, 1)
     if chief:
         fileio.write_json(os.path.join(workdir, "eval.json"), results)
     return results
 
 
+def _fit(config, model, strategy, train_ds, val_ds, steps, checkpoint_folder, start, saved, extra):
+    """Runs `fit` from `start` with checkpoints; returns its History."""
+    folder = checkpoint_folder
+    chief = distribute.is_chief(strategy)
+    verbose = _verbosity(config) if chief else 0
+    lr_callback = _lr_callback(config)
+    # A signal on one worker cannot stop the others at the same batch: under
+    # multi-worker training only the periodic checkpoints count.
+    catch = distribute.num_workers(strategy) < 2
+    with _signals_caught(catch) as signals:
+        checkpointer = _Checkpointer(
+            folder,
+            start,
+            steps,
+            config.checkpoint_every_steps,
+            signals,
+            lr_callback=lr_callback,
+            saved=saved,
+            restored_extra=extra,
+        )
+        callbacks = [_StopOnNonFinite(start)]
+        if lr_callback is not None:
+            callbacks.append(lr_callback)
+        if chief:
+            log_dir = os.path.join(config.workdir, "tensorboard")
+            callbacks += [
+                _Snapshots(config.workdir, config.snapshot_epochs),
+                keras.callbacks.TensorBoard(log_dir, write_graph=False, update_freq="epoch"),
+                _FilterImages(log_dir),
+            ]
+            if config.evolution_maps:
+                callbacks.append(_evolution_callback(model, val_ds, config, log_dir))
+        callbacks.append(checkpointer)
+        try:
+            history = model.fit(
+                train_ds,
+                validation_data=val_ds,
+                initial_epoch=start.epoch,
+                epochs=config.epochs,
+                steps_per_epoch=steps,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        except _NonFiniteLoss as e:
+            raise Error(
+                f"loss became NaN/Inf at {e}; stopped without saving that state; "
+                f"{_last_checkpoint(folder, checkpointer.saved, steps)}; start again with a "
+                "lower --learning_rate (in a new --workdir)"
+            ) from None
+        except checkpoint.NonFiniteState as e:
+            raise Error(
+                f"weights became NaN/Inf ({e}); stopped without saving them; "
+                f"{_last_checkpoint(folder, checkpointer.saved, steps)}; start again with a "
+                "lower --learning_rate (in a new --workdir)"
+            ) from None
+        except _StopAt as e:
+            name = signal.Signals(e.signum).name
+            raise Interrupted(
+                f"{name}: stopped at {e.position.describe(steps)}, saved in "
+                f"{os.path.join(folder, checkpoint.LATEST)}; run the same command to resume",
+                e.signum,
+            ) from None
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted; {_last_checkpoint(folder, checkpointer.saved, steps)}; run the "
+                "same command to resume from there"
+            ) from None
+    if checkpointer.save_seconds:
+        logging.info(
+            "%d checkpoints, %.3f s each on average",
+            len(checkpointer.save_seconds),
+            sum(checkpointer.save_seconds) / len(checkpointer.save_seconds),
+        )
+    return history
+
+
+def _last_checkpoint(folder, saved, steps):
+    if saved is None:
+        return "no checkpoint had been saved yet"
+    return (
+        f"the last good checkpoint ({saved.describe(steps)}) is kept in "
+        f"{os.path.join(folder, checkpoint.LATEST)}"
+    )
+
+
 def _history(history):
     out = {}
+    if history is None:
+        return out
     for key, values in (history.history or {}).items():
         out[key] = [float(v) for v in values]
     return out

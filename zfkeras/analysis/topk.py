@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import weakref
 
 import keras
 import numpy as np
@@ -41,6 +42,7 @@ from zfkeras import data, deconv, distribute, fileio, runs
 from zfkeras.errors import Error
 
 STATE_FILE = "top9_state.npz"
+PREFETCH_BATCHES = 2
 _STATE_VERSION = 1
 
 
@@ -211,7 +213,9 @@ def model_input_batches(dataset, preprocessing, mean, batch_size, num_images=0):
         return index, (tf.cast(view, tf.float32) - mean) * scale
 
     ds = ds.map(prepare, num_parallel_calls=data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(data.AUTOTUNE)
+    # A fixed prefetch: AUTOTUNE may keep growing its buffer on long passes,
+    # and the pass's memory should not depend on the dataset's size.
+    return ds.batch(batch_size).prefetch(PREFETCH_BATCHES)
 
 
 def _per_image_max(feature):
@@ -221,10 +225,14 @@ def _per_image_max(feature):
     height, width, channels = feature.shape[1:]
     flat = tf.reshape(feature, [-1, height * width, channels])
     maxima = tf.reduce_max(flat, axis=1)
-    # The first maximum in row-major order (tf.argmax does not promise which).
-    iota = tf.range(height * width, dtype=tf.int64)[None, :, None]
-    hits = tf.where(flat == maxima[:, None, :], iota, tf.constant(height * width, tf.int64))
-    position = tf.minimum(tf.reduce_min(hits, axis=1), height * width - 1)
+    # The first maximum in row-major order. tf.argmax's docs do not promise
+    # which maximum it returns, but its CPU kernel (Eigen's tuple reducer)
+    # and XLA's return the first, also for large multi-threaded reductions
+    # full of ties (dead ReLU maps); tests compare with NumPy's first-index
+    # argmax. The former exact mask-and-min took ~6 passes over conv1's maps
+    # and a 930 MB int64 temporary per batch of 100: mining ran at 2.2x a
+    # forward pass (bench/mining_bench.py).
+    position = tf.argmax(flat, axis=1, output_type=tf.int64)
     return maxima, position
 
 
@@ -291,6 +299,41 @@ def _from_top_k(top_k, features):
     return state
 
 
+# Compiled passes per model: a later call with the same model, layers, k and
+# strategy (e.g. mining several snapshots' data, or benchmarks) skips building
+# the feature model and tracing.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled_pass(model, layers, k, strategy):
+    """(feature model, per-batch reduction step, merge) of a mining pass."""
+    cache = _COMPILED.setdefault(model, {})
+    key = (layers, k, id(strategy))
+    if key in cache and cache[key][0] is strategy:
+        return cache[key][1:]
+    features = feature_model(model, layers)
+
+    @tf.function
+    def reduce_batch(indices, images):
+        maps = features(images, training=False)
+        return indices, {layer: _per_image_max(maps[layer]) for layer in layers}
+
+    def gather(value):
+        return strategy.gather(value, axis=0)
+
+    @tf.function
+    def step(batch):
+        per_replica = strategy.run(reduce_batch, args=batch)
+        return tf.nest.map_structure(gather, per_replica)
+
+    @tf.function
+    def merge(state, indices, reduced):
+        return {layer: _merge(state[layer], *reduced[layer], indices, k) for layer in layers}
+
+    cache[key] = (strategy, features, step, merge)
+    return features, step, merge
+
+
 def mine_top_k(
     model,
     batches,
@@ -333,7 +376,7 @@ def mine_top_k(
     fingerprint = json.loads(
         json.dumps(dict(fingerprint or {}, layers=list(layers), k=int(k)), sort_keys=True)
     )
-    features = feature_model(model, layers)
+    features, step, merge = _compiled_pass(model, layers, k, strategy)
     state = _initial_state(features, layers, k)
     done, seen = 0, 0
     if state_path and os.path.isfile(state_path):
@@ -343,23 +386,6 @@ def mine_top_k(
                 return previous
             state = _from_top_k(previous, features)
             done, seen = previous.batches, previous.num_images
-
-    @tf.function
-    def reduce_batch(indices, images):
-        maps = features(images, training=False)
-        return indices, {layer: _per_image_max(maps[layer]) for layer in layers}
-
-    def gather(value):
-        return strategy.gather(value, axis=0)
-
-    @tf.function
-    def step(batch):
-        per_replica = strategy.run(reduce_batch, args=batch)
-        return tf.nest.map_structure(gather, per_replica)
-
-    @tf.function
-    def merge(state, indices, reduced):
-        return {layer: _merge(state[layer], *reduced[layer], indices, k) for layer in layers}
 
     distributed = strategy.experimental_distribute_dataset(
         distribute.distribute_dataset_options(batches.skip(done), strategy)

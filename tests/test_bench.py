@@ -1,0 +1,110 @@
+"""Smoke tests of the benchmark scripts: each runs once on a tiny model; nothing is timed."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO
+
+BENCH = os.path.join(REPO, "bench")
+
+
+def run_bench(name, *args):
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCH, f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(text):
+    """{first cell: other cells} of the Markdown table rows in `text`."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and not set(line) <= set("|- "):
+            rows.setdefault(cells[0], cells[1:])  # the first table wins
+    return rows
+
+
+def test_flops_counts_the_paper_model():
+    out = run_bench("flops")
+    rows = table_rows(out)
+    assert rows["**forward**"][0] == "2,336.1"  # ZFNet at 224x224x3, 1000 classes
+    assert rows["**training step**"][0] == "6,666.7"
+    assert rows["conv2"][0] == "830.7"
+
+
+def test_deconv_bench_smoke():
+    rows = table_rows(run_bench("deconv_bench", "--smoke"))
+    for name in (
+        "forward b4",
+        "one per image b4",
+        "maps of one image b4",
+        "switches, whole maps b4",
+    ):
+        assert name in rows
+    assert float(rows["one per image b4"][3]) > 0  # cost in forward passes
+
+
+def test_inference_bench_smoke():
+    rows = table_rows(run_bench("inference_bench", "--smoke"))
+    for name in ("keras b2", "savedmodel b2", "litert float32 b2", "litert int8 b1"):
+        assert float(rows[name][0]) > 0  # images/s
+
+
+def test_mining_bench_smoke():
+    rows = table_rows(run_bench("mining_bench", "--smoke"))
+    for n in (6, 12):
+        assert float(rows[f"mine N={n}"][4]) > 0  # x reference
+        assert "project" in rows[f"mine N={n}"][1]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_images")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        os.makedirs(root / name)
+        for i in range(10):
+            image = rng.integers(0, 255, (20, 20, 3)).astype(np.uint8)
+            (root / name / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    return root
+
+
+def test_train_bench_smoke(image_folder):
+    rows = table_rows(run_bench("train_bench", "--smoke", f"--dataset=folder:{image_folder}"))
+    assert float(rows["bare b4"][0]) > 0
+    assert float(rows["pipeline b4"][3]) > 0  # x bare step
+
+
+def test_layer_profile_smoke():
+    rows = table_rows(run_bench("layer_profile", "--smoke"))
+    assert "conv1" in rows and "sgd update" in rows
+    assert float(rows["**train step**"][1]) > 0  # ms
+
+
+def test_worker_processes_report_memory(monkeypatch):
+    # The spawned worker unpickles `common.matmul_worker`: bench/ must stay on the path.
+    # Spawned workers start a fresh interpreter: give them bench/ through PYTHONPATH too,
+    # whatever other tests did to this process's sys.path and modules.
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([BENCH, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    import common
+
+    session = common.run_session(
+        [common.Worker("matmul", common.matmul_worker, {"size": 64})], repeats=2, min_block_s=0.0
+    )
+    result = session.results["matmul"]
+    assert len(result.per_item_s) == 2 and result.rate > 0
+    memory = session.memory_mb["matmul"]
+    assert memory["peak"] >= memory["baseline"] > 0
+    assert "| matmul" in common.memory_table(session)
