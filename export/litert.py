@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
 
+from zfkeras import quiet
 from zfkeras.errors import Error
 from zfkeras_export import savedmodel
 
@@ -43,21 +44,6 @@ CLASSIFY_SIGNATURE = "serving_default"
 _BUILTIN_NAMES = {
     value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")
 }
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Points descriptor 2 at /dev/null: the converter and the XNNPACK delegate
-    log from C++ straight to it. Python exceptions still carry the errors."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def model_file(variant):
@@ -158,7 +144,7 @@ def convert(savedmodel_path, variant, conv_layers, representative=None):
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     try:
-        with _quiet_stderr():
+        with quiet.stderr_silenced():
             content = converter.convert()
     except Exception as e:  # The converter raises many types; report one line.
         text = " ".join(str(e).split())[:300] or type(e).__name__
@@ -255,7 +241,7 @@ class Runner:
             if self._started:
                 outputs = self._runner(**chunk)
             else:
-                with _quiet_stderr():  # The XNNPACK delegate announces itself.
+                with quiet.stderr_silenced():  # The XNNPACK delegate announces itself.
                     outputs = self._runner(**chunk)
                 self._started = True
             for name, value in outputs.items():

@@ -25,18 +25,17 @@ so every file is also fully loaded by Pillow, which reports a truncated image
 explicitly.
 """
 
-import contextlib
 import io
 import os
 import re
 import struct
-import sys
 import warnings
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from zfkeras import quiet
 from zfkeras.errors import Error
 
 FORMATS = "JPEG, PNG, BMP, GIF or TIFF"
@@ -206,27 +205,6 @@ def apply_orientation(image, orientation):
     return image
 
 
-@contextlib.contextmanager
-def _stderr_silenced():
-    """Points file descriptor 2 at /dev/null while a file is decoded.
-
-    libjpeg inside TensorFlow and libtiff inside Pillow print their warnings
-    about damaged data ("Corrupt JPEG data: ...") straight to descriptor 2,
-    which would break the tools' one-line errors; the decoders' exceptions
-    say what matters.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _composite_over_white(image):
     colour, alpha = image[..., :-1], image[..., -1:]
     alpha = alpha.astype(np.float32) / 255.0
@@ -236,7 +214,7 @@ def _composite_over_white(image):
 
 def _decode(path):
     """(pixels uint8 (H, W, 1 or 3), file bytes, whether TensorFlow alone reads it so)."""
-    with warnings.catch_warnings(), _stderr_silenced():
+    with warnings.catch_warnings(), quiet.stderr_silenced():
         # Pillow warns about odd metadata; what matters is raised.
         warnings.simplefilter("ignore")
         return _decode_quietly(path)
