@@ -67,19 +67,13 @@ def bare_worker(batch, size, width, fc_units):
 
 def _training_stream(config):
     """tools/train.py's training batches (and batches per epoch)."""
-    from zfkeras import data, train
+    from zfkeras import checkpoint, data, train
 
     preprocessing = data.Preprocessing(config.resize_size, config.crop_size, 3, 1.0)
     raw, _ = data.load(config.dataset, "train", data_dir=config.data_dir or None)
     mean = data.compute_mean(raw.take(1000), preprocessing)
     steps = train.steps_per_epoch(config)
-    if hasattr(train, "train_stream"):
-        from zfkeras import checkpoint
-
-        stream = train.train_stream(config, preprocessing, mean, steps, checkpoint.Position())
-    else:  # The streaming pipeline of older zfkeras versions.
-        stream = data.train_batches(raw, preprocessing, mean, config.batch_size, seed=0)
-    return stream
+    return train.train_stream(config, preprocessing, mean, steps, checkpoint.Position())
 
 
 class _Gate:
