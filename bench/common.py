@@ -391,15 +391,19 @@ def training_config(batch, size, width, fc_units, dataset="fashion_mnist", data_
     )
 
 
-def compiled_training_model(config):
-    """The model of tools/train.py, compiled as `zfkeras.train` compiles it."""
+def compiled_training_model(config, keras_sgd=False):
+    """The model of tools/train.py, compiled as `zfkeras.train` compiles it.
+
+    `keras_sgd` swaps zfkeras' fused-momentum SGD for Keras' own (to measure it).
+    """
     import keras
 
-    from zfkeras import train
+    from zfkeras import optimizers, train
 
     model = train.build_model(config, TRAINING_CLASSES, 3)
+    sgd = keras.optimizers.SGD if keras_sgd else optimizers.SGD
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=0.9),
+        optimizer=sgd(learning_rate=config.learning_rate, momentum=0.9),
         loss="sparse_categorical_crossentropy",
         metrics=[
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),

@@ -8,6 +8,8 @@ One interleaved session per batch size B, each with three worker processes:
 - `matmul`: the machine ceiling (a 4096^3 float32 matmul through TensorFlow).
 - `bare bB`: `model.train_on_batch` on one in-memory batch of random
   images (the compiled train step alone).
+- `keras sgd bB`: the same with Keras' own SGD instead of zfkeras'
+  fused-momentum SGD (`zfkeras.optimizers.SGD`), to show what fusing saves.
 - `pipeline bB`: `model.fit` on tools/train.py's own training stream
   (`zfkeras.train.train_stream`: `--dataset`, by default Fashion-MNIST from
   its TFDS records (28x28 grey, converted to 3 channels), the
@@ -49,10 +51,11 @@ _SETTLE = flags.DEFINE_float("settle_s", 2.0, "Pause after each pipeline block."
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one repetition, inline (for tests).")
 
 
-def bare_worker(batch, size, width, fc_units):
+def bare_worker(batch, size, width, fc_units, keras_sgd=False):
     import tensorflow as tf
 
-    model = common.compiled_training_model(common.training_config(batch, size, width, fc_units))
+    config = common.training_config(batch, size, width, fc_units)
+    model = common.compiled_training_model(config, keras_sgd=keras_sgd)
     images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
     labels = tf.random.stateless_uniform(
         [batch], [0, 0], maxval=common.TRAINING_CLASSES, dtype=tf.int64
@@ -62,7 +65,7 @@ def bare_worker(batch, size, width, fc_units):
         model.train_on_batch(images, labels)
         return batch
 
-    return {f"bare b{batch}": step}
+    return {f"{'keras sgd' if keras_sgd else 'bare'} b{batch}": step}
 
 
 def _training_stream(config):
@@ -179,6 +182,7 @@ def main(argv):
         workers = [
             common.Worker("matmul", common.matmul_worker, {"size": matmul_size}),
             common.Worker(f"bare b{batch}", bare_worker, kwargs),
+            common.Worker(f"keras sgd b{batch}", bare_worker, dict(kwargs, keras_sgd=True)),
             common.Worker(
                 f"pipeline b{batch}",
                 pipeline_worker,
@@ -194,10 +198,11 @@ def main(argv):
         session = common.run_session(workers, repeats, min_block, inline, common.log_to_stderr)
         ceiling = common.ceiling_gflops(session, matmul_size)
         bare, pipeline = session.results[f"bare b{batch}"], session.results[f"pipeline b{batch}"]
+        keras_sgd = session.results[f"keras sgd b{batch}"]
         rows.append((f"matmul ceiling (b{batch} session)", "", f"{ceiling:.1f}", "1.00", "", ""))
-        for result in (bare, pipeline):
+        for result in (bare, keras_sgd, pipeline):
             gflops = step_flops * result.rate / 1e9
-            versus = session.ratio(bare.name, result.name) if result is pipeline else None
+            versus = session.ratio(bare.name, result.name) if result is not bare else None
             rows.append(
                 (
                     result.name,

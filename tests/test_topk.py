@@ -331,3 +331,15 @@ def test_tool_rejects_an_unknown_layer_in_one_line(tiny_run):
     assert "conv1, conv2, conv3, conv4, conv5, fc6, fc7, predictions" in lines[0]
     result = run_tool(f"--checkpoint={tiny_run / 'run'}", "--maps=conv5:x")
     assert result.returncode == 2 and "--maps takes LAYER:c1,c2" in result.stderr
+
+
+@pytest.mark.parametrize("shape", [(5, 13, 11, 7), (3, 110, 110, 4), (1, 4096, 4096, 1)])
+def test_per_image_max_finds_the_first_maximum_among_ties(shape):
+    # Quantised values: many positions share each map's maximum; some maps are all zero.
+    rng = np.random.default_rng(3)
+    maps = np.round(rng.uniform(0, 2, shape)).astype(np.float32)
+    maps[0, ..., 0] = 0.0
+    maxima, positions = topk._per_image_max(tf.constant(maps))
+    flat = maps.reshape(shape[0], -1, shape[-1])
+    np.testing.assert_array_equal(maxima, flat.max(axis=1))
+    np.testing.assert_array_equal(positions, flat.argmax(axis=1))  # NumPy: the first.

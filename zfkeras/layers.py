@@ -9,6 +9,10 @@
 - `TiedConv2DTranspose`: a `Conv2DTranspose` whose kernel IS the kernel
   variable of a forward `Conv2D`.
 
+Importing this module also registers `zfkeras.optimizers.SGD`, the
+optimizer saved in the compile settings of tools/train.py's models, so that
+`import zfkeras.layers` is all `keras.saving.load_model` needs.
+
 Functions: `transpose_convolution` (the full transposed convolution, with a
 fast path for few output channels) and `padding_before` (TensorFlow's padding
 rule), shared by the layers and the deconvnet's receptive-field windows.
@@ -16,6 +20,8 @@ rule), shared by the layers and the deconvnet's receptive-field windows.
 
 import keras
 import tensorflow as tf
+
+from zfkeras import optimizers  # noqa: F401  (registers zfkeras>SGD, see above)
 
 _PACKAGE = "zfkeras"
 

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from zfkeras import checkpoint, data, distribute, evaluation, fileio, models, runs
+from zfkeras import checkpoint, data, distribute, evaluation, fileio, models, optimizers, runs
 from zfkeras.errors import Error
 
 LR_SCHEDULES = ("plateau", "step", "cosine", "constant")
@@ -753,7 +753,7 @@ def train_and_evaluate(config, flags_text=None, report=None):
     folder = distribute.backup_dir(workdir, strategy)
     with strategy.scope():
         model = build_model(config, info.num_classes, channels)
-        optimizer = keras.optimizers.SGD(
+        optimizer = optimizers.SGD(
             learning_rate=config.learning_rate,
             momentum=config.momentum,
             weight_decay=config.weight_decay or None,

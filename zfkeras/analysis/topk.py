@@ -218,22 +218,44 @@ def model_input_batches(dataset, preprocessing, mean, batch_size, num_images=0):
     return ds.batch(batch_size).prefetch(PREFETCH_BATCHES)
 
 
+# Positions are found as float32 weights, exact below 2^24 positions.
+_FLOAT_EXACT = 2**24
+
+
+@tf.function(jit_compile=True)
+def _max_and_first_position(flat):
+    """(B, n, C) -> maxima (B, C), first row-major position of each (B, C).
+
+    The position is n minus the largest weight n - p over the positions p
+    holding the maximum: an elementwise select and a max reduction, which XLA
+    fuses into one pass over the maps. tf.argmax (Eigen's tuple reducer) over
+    the middle axis took 8x a plain max over conv1's maps and kept mining at
+    1.3-1.4x a forward pass (BENCHMARKS.md).
+    """
+    maxima = tf.reduce_max(flat, axis=1)
+    size = flat.shape[1]
+    weight = tf.range(size, 0, -1, dtype=tf.float32)[None, :, None]
+    hits = tf.equal(flat, maxima[:, None, :])
+    best = tf.reduce_max(tf.where(hits, weight, 0.0), axis=1)
+    # No hit only if the maximum is NaN: position 0, as tf.argmax gives.
+    position = tf.where(best > 0, size - tf.cast(best, tf.int64), 0)
+    return maxima, position
+
+
 def _per_image_max(feature):
-    """(B, h, w, C) or (B, C) -> per-image maxima (B, C), flat positions (B, C)."""
+    """(B, h, w, C) or (B, C) -> per-image maxima (B, C), flat positions (B, C).
+
+    Each position is the first maximum in row-major order (ties are common:
+    dead ReLU maps are all zero); tests compare with NumPy's argmax.
+    """
     if feature.shape.rank == 2:
         return feature, tf.zeros(tf.shape(feature), tf.int64)
     height, width, channels = feature.shape[1:]
     flat = tf.reshape(feature, [-1, height * width, channels])
-    maxima = tf.reduce_max(flat, axis=1)
-    # The first maximum in row-major order. tf.argmax's docs do not promise
-    # which maximum it returns, but its CPU kernel (Eigen's tuple reducer)
-    # and XLA's return the first, also for large multi-threaded reductions
-    # full of ties (dead ReLU maps); tests compare with NumPy's first-index
-    # argmax. The former exact mask-and-min took ~6 passes over conv1's maps
-    # and a 930 MB int64 temporary per batch of 100: mining ran at 2.2x a
-    # forward pass (bench/mining_bench.py).
-    position = tf.argmax(flat, axis=1, output_type=tf.int64)
-    return maxima, position
+    if height * width < _FLOAT_EXACT:
+        return _max_and_first_position(flat)
+    # tf.argmax's CPU kernel also returns the first maximum, at several times the cost.
+    return tf.reduce_max(flat, axis=1), tf.argmax(flat, axis=1, output_type=tf.int64)
 
 
 def _merge(state, maxima, positions, indices, k):
