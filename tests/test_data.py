@@ -136,24 +136,27 @@ def test_ten_crop_corners_centre_and_flips():
     np.testing.assert_array_equal(crops[5], crops[0][:, ::-1])
 
 
-def test_train_batches_are_mean_subtracted_crops():
+def test_augment_gives_mean_subtracted_crops_and_flips_fixed_by_the_seed():
     image = np.arange(8 * 8, dtype=np.uint8).reshape(8, 8, 1)
-    ds = tf.data.Dataset.from_tensor_slices((np.stack([image] * 4), np.arange(4)))
-    pre = data.Preprocessing(8, 5, 1)
+    pre = data.Preprocessing(8, 5, 1, input_scale=0.5)
     mean = np.full((8, 8, 1), 10.0, np.float32)
-    ((x, y),) = list(data.train_batches(ds, pre, mean, batch_size=4, seed=0).take(1))
-    assert x.shape == (4, 5, 5, 1)
     windows = {
         tuple(w.ravel())
         for yy in range(4)
         for xx in range(4)
         for w in (
-            image[yy : yy + 5, xx : xx + 5] - 10.0,
-            (image[yy : yy + 5, xx : xx + 5] - 10.0)[:, ::-1],
+            (image[yy : yy + 5, xx : xx + 5] - 10.0) * 0.5,
+            ((image[yy : yy + 5, xx : xx + 5] - 10.0) * 0.5)[:, ::-1],
         )
     }
-    for crop in x.numpy():
-        assert tuple(crop.ravel()) in windows
+    seen = set()
+    for index in range(40):
+        seed = tf.constant([7, index], tf.int64)
+        x = data.augment(image, mean, pre, seed).numpy()
+        assert x.shape == (5, 5, 1) and tuple(x.ravel()) in windows
+        np.testing.assert_array_equal(x, data.augment(image, mean, pre, seed))
+        seen.add(tuple(x.ravel()))
+    assert len(seen) > 10  # different seeds give different crops and flips
 
 
 def test_eval_batches_centre_and_ten_crop():

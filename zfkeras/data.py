@@ -479,42 +479,24 @@ def compute_mean(dataset, preprocessing, batch_size=256):
     return (total / tf.cast(count, tf.float64)).numpy().astype(np.float32)
 
 
-def train_batches(
-    dataset, preprocessing, mean, batch_size, seed=None, shuffle_buffer=10000, cache=False
-):
-    """Training batches: view, minus mean, random crop, random flip.
+def augment(image, mean, preprocessing, seed):
+    """One training input from a view: minus the mean, scaled, random crop and flip.
 
     Args:
-        dataset: (image, label) examples.
-        preprocessing: a `Preprocessing`.
+        image: a uint8 (resize, resize, C) view.
         mean: float32 (resize, resize, C) mean view.
-        batch_size: examples per batch (incomplete last batch dropped).
-        seed: shuffle and augmentation seed.
-        shuffle_buffer: examples in the shuffle buffer.
-        cache: keep the uint8 views in memory after the first epoch.
+        preprocessing: a `Preprocessing`.
+        seed: a shape [2] int64 stateless seed; a seed always gives the same
+            crop and flip (what makes resumed training exact).
 
     Returns:
-        A dataset of (float32 images (B, crop, crop, C), int64 labels (B,)).
+        float32 (crop, crop, C).
     """
-    crop, channels = preprocessing.crop_size, preprocessing.channels
-    mean = tf.constant(mean, tf.float32)
-    ds = dataset.map(
-        lambda image, label: (view(image, preprocessing), label), num_parallel_calls=AUTOTUNE
-    )
-    if cache:
-        ds = ds.cache()
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-
-    scale = float(preprocessing.input_scale)
-
-    def augment(image, label):
-        image = (tf.cast(image, tf.float32) - mean) * scale
-        image = tf.image.random_crop(image, [crop, crop, channels], seed=seed)
-        image = tf.image.random_flip_left_right(image, seed=seed)
-        return image, label
-
-    ds = ds.map(augment, num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
+    image = (tf.cast(image, tf.float32) - mean) * float(preprocessing.input_scale)
+    size = [preprocessing.crop_size, preprocessing.crop_size, preprocessing.channels]
+    image = tf.image.stateless_random_crop(image, size, seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
 def eval_batches(dataset, preprocessing, mean, batch_size, crops=1, cache=False):

@@ -497,8 +497,8 @@ def steps_per_epoch(config):
 def train_stream(config, preprocessing, mean, steps, start, epochs=None):
     """The training batches from `start` to the last epoch, as one dataset.
 
-    The resumable form of `data.train_batches`: the same view, mean
-    subtraction, random crop and flip, but each epoch's batches are a pure
+    Each example is `data.augment`ed (mean subtraction, random crop and
+    flip) with a stateless seed, so each epoch's batches are a pure
     function of (config.seed, epoch), independent of what ran before in the
     process: the epoch's file order and shuffle use `epoch_seed(seed, epoch)`,
     and each example's crop and flip use stateless random ops seeded by that
@@ -524,10 +524,8 @@ def train_stream(config, preprocessing, mean, steps, start, epochs=None):
         `steps_per_epoch=steps`).
     """
     epochs = config.epochs if epochs is None else epochs
-    crop, channels = preprocessing.crop_size, preprocessing.channels
     batch = config.batch_size
     mean = tf.constant(mean, tf.float32)
-    scale = float(preprocessing.input_scale)
 
     def views(raw):
         return raw.map(
@@ -559,13 +557,8 @@ def train_stream(config, preprocessing, mean, steps, start, epochs=None):
             image, label = example
             if view_later:
                 image = data.view(image, preprocessing)
-            crop_seed, flip_seed = tf.unstack(
-                tf.random.split(tf.stack([tf.constant(seed, tf.int64), index]), 2)
-            )
-            image = (tf.cast(image, tf.float32) - mean) * scale
-            image = tf.image.stateless_random_crop(image, [crop, crop, channels], seed=crop_seed)
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-            return image, label
+            example_seed = tf.stack([tf.constant(seed, tf.int64), index])
+            return data.augment(image, mean, preprocessing, example_seed), label
 
         ds = ds.map(augment, num_parallel_calls=data.AUTOTUNE)
         return ds.batch(batch, drop_remainder=True)
