@@ -1,6 +1,6 @@
 """Rewrites BUILD.md's "Every tool's flags" section from each tool's --helpshort.
 
-    .venv/bin/python scripts/flags_doc.py
+.venv/bin/python scripts/flags_doc.py
 """
 
 import glob
