@@ -50,9 +50,10 @@ def test_identical_changes_give_zero_and_one_image_is_an_error():
 # Boxes.
 
 
+@pytest.mark.parametrize("border", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(100, 80), (60, 130), (56, 56)])
-def test_boxes_follow_the_models_resize_and_crops(shape):
-    preprocessing = data.Preprocessing(resize_size=56, crop_size=48, channels=1)
+def test_boxes_follow_the_models_resize_and_crops(shape, border):
+    preprocessing = data.Preprocessing(resize_size=56, crop_size=48, channels=1, border=border)
     height, width = shape
     box = (int(width * 0.4), int(height * 0.3), int(width * 0.7), int(height * 0.55))
     image = np.zeros((height, width, 1), np.uint8)

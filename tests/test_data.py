@@ -109,6 +109,24 @@ def test_view_resizes_short_side_and_crops_centre():
     assert np.all(v == 200)
 
 
+@pytest.mark.parametrize("shape, border, pad", [((28, 28), 1 / 14, 2), ((20, 45), 0.1, 2)])
+def test_view_border_is_black_padding_before_the_resize(shape, border, pad):
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, shape + (1,)).astype(np.uint8)
+    bordered = data.Preprocessing(resize_size=32, crop_size=28, channels=1, border=border)
+    plain = data.Preprocessing(resize_size=32, crop_size=28, channels=1)
+    padded = np.pad(image, [(pad, pad), (pad, pad), (0, 0)])
+    v = data.view(tf.constant(image), bordered).numpy()
+    np.testing.assert_array_equal(v, data.view(tf.constant(padded), plain).numpy())
+    if shape[0] == shape[1]:
+        assert v[0, 0, 0] == 0 and v[:, 0].max() == 0  # the frame is background
+
+
+def test_preprocessing_refuses_a_bad_border():
+    with pytest.raises(Error, match="border must be in"):
+        data.Preprocessing(32, 28, 1, border=1.5)
+
+
 def test_view_converts_channels():
     gray = data.Preprocessing(8, 8, 1)
     rgb = data.Preprocessing(8, 8, 3)

@@ -288,9 +288,11 @@ def test_fresh_process_reload_equals_keras_at_two_batch_sizes(exported, tmp_path
         np.testing.assert_allclose(out[key], expected, atol=1e-5, rtol=0, err_msg=key)
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_in_graph_preprocessing_equals_the_library(channels, tmp_path):
-    pre = data.Preprocessing(resize_size=61, crop_size=56, channels=channels, input_scale=0.5)
+@pytest.mark.parametrize("channels, border", [(1, 0.0), (3, 0.0), (1, 0.1)])
+def test_in_graph_preprocessing_equals_the_library(channels, border, tmp_path):
+    pre = data.Preprocessing(
+        resize_size=61, crop_size=56, channels=channels, input_scale=0.5, border=border
+    )
     mean = np.random.default_rng(1).uniform(0, 255, (61, 61, channels)).astype(np.float32)
     model = ZFNet(3, (56, 56, channels), width=0.25, fc_units=8, seed=0)
     source = source_lib.Source(

@@ -148,6 +148,7 @@ def test_foreign_workdir_is_refused(tmp_path, tiny_run):
         (["--architecture=vgg"], 2, "zfnet|alexnet|alexnet2"),
         (["--crop_size=80"], 2, "crop_size must be <= resize_size"),
         (["--epochs=0"], 2, "epochs"),
+        (["--border=1.5"], 2, "--border"),
         (["--lr_schedule=step"], 2, "--lr_boundaries"),
         (["--snapshot_epochs=1,x"], 2, "positive integers"),
     ],

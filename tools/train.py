@@ -33,6 +33,14 @@ _CHANNELS = flags.DEFINE_enum("channels", "auto", ["auto", "1", "3"], "Input cha
 _INPUT_SCALE = flags.DEFINE_float(
     "input_scale", 1.0, "Multiplier of mean-subtracted pixels (paper: 1, raw 0-255 scale).", 0.0
 )
+_BORDER = flags.DEFINE_float(
+    "border",
+    0.0,
+    "Black border added on every side before the resize, as a fraction of the short side "
+    "(paper: 0).",
+    0.0,
+    1.0,
+)
 _CACHE = flags.DEFINE_bool("cache", False, "Keep the resized uint8 images in memory.")
 _SHUFFLE = flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer (examples).", 1)
 _ARCH = flags.DEFINE_enum("architecture", "zfnet", ["zfnet", "alexnet", "alexnet2"], "Model.")
@@ -130,6 +138,7 @@ def config_from_flags():
         crop_size=_CROP.value,
         channels=0 if _CHANNELS.value == "auto" else int(_CHANNELS.value),
         input_scale=_INPUT_SCALE.value,
+        border=_BORDER.value,
         cache=_CACHE.value,
         shuffle_buffer=_SHUFFLE.value,
         architecture=_ARCH.value,

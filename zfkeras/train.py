@@ -63,6 +63,7 @@ class TrainConfig:
     crop_size: int = 224
     channels: int = 0
     input_scale: float = 1.0
+    border: float = 0.0
     cache: bool = False
     shuffle_buffer: int = 10000
     # Model.
@@ -718,7 +719,7 @@ def train_and_evaluate(config, flags_text=None, report=None):
     _, info = _load_split(config, config.train_split, shuffle_files=True)
     channels = config.channels or info.channels
     preprocessing = data.Preprocessing(
-        config.resize_size, config.crop_size, channels, config.input_scale
+        config.resize_size, config.crop_size, channels, config.input_scale, config.border
     )
     mean_path = os.path.join(workdir, runs.MEAN_FILE)
     if os.path.isfile(mean_path):

@@ -149,7 +149,11 @@ def box_in_crop(box, image_shape, preprocessing):
     """
     height, width = int(image_shape[0]), int(image_shape[1])
     size = preprocessing.resize_size
-    # The same float32 arithmetic as data.view.
+    # The same float32 arithmetic as data.view (np.round and tf.round both
+    # round half to even).
+    pad = int(np.round(np.float32(min(height, width)) * np.float32(preprocessing.border)))
+    height, width = height + 2 * pad, width + 2 * pad
+    box = tuple(v + pad for v in box)
     scale = np.float32(size) / np.float32(min(height, width))
     new_h = max(size, int(np.round(np.float32(height) * scale)))
     new_w = max(size, int(np.round(np.float32(width) * scale)))
