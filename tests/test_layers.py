@@ -70,6 +70,26 @@ def test_contrast_norm_matches_reference(channels, depth_radius):
     assert clone.get_config() == layer.get_config()
 
 
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("beta", [0.75, 0.5])
+def test_contrast_norm_gradient_equals_tensorflows_lrn_gradient(training, beta):
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(0, 10, (2, 6, 5, 11)).astype(np.float32))
+    upstream = tf.constant(rng.normal(0, 1, (2, 6, 5, 11)).astype(np.float32))
+    layer = zlayers.ContrastNorm(depth_radius=2, bias=2.0, alpha=1e-2, beta=beta)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours = layer(x, training=training)
+        theirs = tf.nn.local_response_normalization(
+            x, depth_radius=2, bias=2.0, alpha=1e-2, beta=beta
+        )
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-6)
+    expected = tape.gradient(theirs, x, output_gradients=upstream).numpy()
+    got = tape.gradient(ours, x, output_gradients=upstream).numpy()
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_contrast_norm_rejects_bad_arguments():
     with pytest.raises(ValueError, match="depth_radius"):
         zlayers.ContrastNorm(depth_radius=-1)

@@ -179,17 +179,61 @@ def contrast_norm(inputs, depth_radius, bias, alpha, beta):
 
         def gradient(upstream):
             window = _channel_window(int(x.shape[-1]), depth_radius, x.dtype)
-            scale = bias + alpha * tf.tensordot(tf.square(x), window, axes=1)
-            weighted = tf.tensordot(upstream * y / scale, window, axes=1)
-            if beta == 0.75:  # the paper's: s^-3/4 = rsqrt(s * sqrt(s)), 7x faster than pow
-                factor = tf.math.rsqrt(scale * tf.sqrt(scale))
-            else:
-                factor = tf.pow(scale, -beta)
-            return upstream * factor - (2.0 * alpha * beta) * x * weighted
+            scale = _lrn_scale(x, window, bias, alpha)
+            return _lrn_input_gradient(upstream, x, y, scale, window, alpha, beta)
 
         return y, gradient
 
     return normalize(inputs)
+
+
+def contrast_norm_for_training(inputs, depth_radius, bias, alpha, beta):
+    """`contrast_norm` for training steps: the same function, all in XLA.
+
+    The forward pass computes s with the band matmul and keeps it for the
+    gradient, instead of running the LRN op and recomputing s; each pass is
+    one XLA cluster, which fuses the elementwise steps. For norm1 of ZFNet at
+    batch 32 forward + backward took 129 ms instead of 210 ms. Equal to
+    `contrast_norm` to float32 rounding (tests/test_layers.py); inference and
+    exports keep the LRN op.
+    """
+
+    @tf.custom_gradient
+    def normalize(x):
+        window = _channel_window(int(x.shape[-1]), depth_radius, x.dtype)
+        y, scale = _lrn_forward(x, window, bias, alpha, beta)
+
+        def gradient(upstream):
+            return _lrn_backward(upstream, x, y, scale, window, alpha, beta)
+
+        return y, gradient
+
+    return normalize(inputs)
+
+
+def _lrn_scale(x, window, bias, alpha):
+    """s = bias + alpha * (sum of squares over each channel's window)."""
+    return bias + alpha * tf.tensordot(tf.square(x), window, axes=1)
+
+
+def _inverse_power(scale, beta):
+    if beta == 0.75:  # the paper's: s^-3/4 = rsqrt(s * sqrt(s)), 7x faster than pow
+        return tf.math.rsqrt(scale * tf.sqrt(scale))
+    return tf.pow(scale, -beta)
+
+
+def _lrn_input_gradient(upstream, x, y, scale, window, alpha, beta):
+    weighted = tf.tensordot(upstream * y / scale, window, axes=1)
+    return upstream * _inverse_power(scale, beta) - (2.0 * alpha * beta) * x * weighted
+
+
+@tf.function(jit_compile=True)
+def _lrn_forward(x, window, bias, alpha, beta):
+    scale = _lrn_scale(x, window, bias, alpha)
+    return x * _inverse_power(scale, beta), scale
+
+
+_lrn_backward = tf.function(_lrn_input_gradient, jit_compile=True)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -221,8 +265,9 @@ class ContrastNorm(keras.layers.Layer):
         self.alpha = float(alpha)
         self.beta = float(beta)
 
-    def call(self, inputs):
-        return contrast_norm(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
+    def call(self, inputs, training=None):
+        normalize = contrast_norm_for_training if training else contrast_norm
+        return normalize(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
 
     def compute_output_shape(self, input_shape):
         return input_shape
