@@ -10,8 +10,9 @@ image's gradient) and of its weights for a random upstream gradient, minus
 the forward time. `sgd update` applies SGD with momentum (the training
 optimizer) to all weights, `filter constraint` the filter renormalisation.
 `train step` is `train_on_batch` of the whole compiled model; the sum of the
-parts shows how much is overhead between them. All interleaved,
-medians of `--repeats`.
+parts shows how much is overhead between them. Rows marked "(before)" time
+what this project replaced (the LRN op and its gradient; Keras' SGD) next to
+the current code, outside the sum. All interleaved, medians of `--repeats`.
 """
 
 import time
@@ -96,14 +97,42 @@ def main(argv):
             flop_counts[layer.name] = flops.layer_flops(layer) * batch
             first = False
 
-    optimizer = model.optimizer
+    # What this project replaced, for before/after rows outside the sum: the
+    # LRN op with its gradient (ContrastNorm outside training) and Keras' SGD.
+    from zfkeras import layers as zlayers
+
+    before = {}
+    for layer in model.layers:
+        if isinstance(layer, zlayers.ContrastNorm):
+            x = tf.constant(rng.normal(size=(batch, *layer.input.shape[1:])).astype(np.float32))
+            dy = tf.constant(rng.normal(size=(batch, *layer.output.shape[1:])).astype(np.float32))
+
+            def lrn_op(layer=layer, x=x, dy=dy):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = layer(x, training=False)
+                return tape.gradient(y, x, output_gradients=dy)
+
+            name = f"{layer.name} with the LRN op (before)"
+            before[name] = f"{layer.name} both"
+            functions[name] = lambda f=tf.function(_first(lrn_op)): _numpy(f())
+
     weights = model.trainable_weights
     gradients = [tf.random.normal(w.shape, stddev=1e-6) for w in weights]
+    keras_sgd = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
+    keras_sgd.build(weights)
 
-    @tf.function
-    def update():
-        optimizer.apply(gradients, weights)
-        return weights[0][0, 0, 0, 0]
+    def updater(optimizer):
+        @tf.function
+        def update():
+            optimizer.apply(gradients, weights)
+            return weights[0][0, 0, 0, 0]
+
+        return update
+
+    update = updater(model.optimizer)
+    functions["sgd update with Keras' SGD (before)"] = lambda f=updater(keras_sgd): f().numpy()
+    before["sgd update with Keras' SGD (before)"] = "sgd update"
 
     constraints = [
         (w, layer.kernel_constraint)
@@ -141,6 +170,8 @@ def main(argv):
         total += times[name]
         rows.append((name, "", f"{1e3 * times[name]:.1f}", ""))
     rows.append(("**sum of the parts**", "", f"{1e3 * total:.1f}", ""))
+    for name, now in before.items():
+        rows.append((name, "", f"{1e3 * times[name]:.1f} (now {1e3 * times[now]:.1f})", ""))
     step_flops = flops.training_flops(model) * batch
     step_s = times["train step"]
     rows.append(("**train step**", "", f"{1e3 * step_s:.1f}", f"{step_flops / step_s / 1e9:.1f}"))
