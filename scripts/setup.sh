@@ -3,6 +3,9 @@
 # setup.py changes). Sourced by quickstart.sh and test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# quickstart.sh and test.sh may start at the same time: one installs, the other waits.
+exec 9<scripts/setup.sh
+flock 9
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version 2>&1)"
