@@ -85,6 +85,7 @@ def test_train_writes_a_complete_run(tiny_run):
         "crop_size": 56,
         "channels": 1,
         "input_scale": 0.015625,
+        "border": 0.0,
     }
 
 
