@@ -86,6 +86,35 @@ def split_list(value):
     return [v.strip() for v in str(value or "").split(",") if v.strip()]
 
 
+def paths(values):
+    """Repeated and comma-separated flag values as one tuple."""
+    return tuple(p for v in values or () for p in split_list(str(v)))
+
+
+def register_one_per(labels_flag, paths_flag, plural, note=""):
+    """Validates that --LABELS_FLAG has one entry per path of --PATHS_FLAG.
+
+    `plural` names the paths in the message ("files"); `note` is appended to
+    the mismatch message.
+    """
+
+    def check(values):
+        given = len(values[labels_flag] or ())
+        count = len(paths(values[paths_flag]))
+        if not given:
+            return True
+        if not count:
+            raise flags.ValidationError(f"--{labels_flag} needs --{paths_flag} {plural}.")
+        if given != count:
+            raise flags.ValidationError(
+                f"Give one --{labels_flag} entry per --{paths_flag} path "
+                f"({count} {plural}, {given} labels){note}."
+            )
+        return True
+
+    flags.register_multi_flags_validator([paths_flag, labels_flag], check)
+
+
 def progress(message):
     """One progress line on stderr, prefixed with the tool's name."""
     print(f"{_tool_name()}: {message}", file=sys.stderr, flush=True)

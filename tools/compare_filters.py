@@ -45,30 +45,14 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", 1)
 flags.mark_flag_as_required("checkpoint")
 
 
-def _paths(values):
-    """Repeated and comma-separated flag values as one tuple."""
-    return tuple(p for v in values for p in common.split_list(str(v)))
-
-
 flags.register_validator(
     "checkpoint",
-    lambda v: v is None or len(_paths(v)) >= 2,
+    lambda v: v is None or len(common.paths(v)) >= 2,
     "--checkpoint needs two or more models to compare.",
 )
 
 
-def _labels_match_checkpoints(values):
-    if values["labels"] and values["checkpoint"]:
-        count = len(_paths(values["checkpoint"]))
-        if len(values["labels"]) != count:
-            raise flags.ValidationError(
-                f"Give one --labels entry per --checkpoint ({count} checkpoints, "
-                f"{len(values['labels'])} labels)."
-            )
-    return True
-
-
-flags.register_multi_flags_validator(["checkpoint", "labels"], _labels_match_checkpoints)
+common.register_one_per("labels", "checkpoint", "checkpoints")
 
 
 def main(argv):
@@ -77,10 +61,10 @@ def main(argv):
     from zfkeras.analysis import architecture
 
     config = architecture.CompareConfig(
-        checkpoints=_paths(_CHECKPOINT.value),
+        checkpoints=common.paths(_CHECKPOINT.value),
         output_dir=_OUTPUT_DIR.value,
         labels=tuple(_LABELS.value),
-        images=_paths(_IMAGES.value),
+        images=common.paths(_IMAGES.value),
         dataset=_DATASET.value,
         split=_SPLIT.value,
         data_dir=_DATA_DIR.value,

@@ -86,26 +86,7 @@ flags.register_validator(
 )
 
 
-def _labels_match_images(values):
-    if not values["labels"]:
-        return True
-    if not values["images"]:
-        raise flags.ValidationError("--labels are for --images files only.")
-    count = len(_paths(values["images"]))
-    if len(values["labels"]) != count:
-        raise flags.ValidationError(
-            f"Give one --labels entry per --images file ({count} files, "
-            f"{len(values['labels'])} labels)."
-        )
-    return True
-
-
-flags.register_multi_flags_validator(["images", "labels"], _labels_match_images)
-
-
-def _paths(values):
-    """Repeated and comma-separated flag values as one tuple."""
-    return tuple(p for v in values for p in common.split_list(str(v)))
+common.register_one_per("labels", "images", "files")
 
 
 def main(argv):
@@ -116,7 +97,7 @@ def main(argv):
     config = invariance.InvarianceConfig(
         checkpoint=_CHECKPOINT.value,
         output_dir=_OUTPUT_DIR.value,
-        images=_paths(_IMAGES.value),
+        images=common.paths(_IMAGES.value),
         labels=tuple(_LABELS.value),
         dataset=_DATASET.value,
         split=_SPLIT.value,

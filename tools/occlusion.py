@@ -58,19 +58,7 @@ flags.register_multi_flags_validator(
 )
 
 
-def _labels_match_images(values):
-    if not values["label"]:
-        return True
-    images = [p for v in values["image"] for p in common.split_list(v)]
-    if len(values["label"]) != len(images):
-        raise flags.ValidationError(
-            f"Give one --label per --image file ({len(images)} files, "
-            f"{len(values['label'])} labels); dataset examples have their own."
-        )
-    return True
-
-
-flags.register_multi_flags_validator(["image", "label"], _labels_match_images)
+common.register_one_per("label", "image", "files", "; dataset examples have their own")
 
 
 def main(argv):
