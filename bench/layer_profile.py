@@ -86,7 +86,9 @@ def main(argv):
                 tape.watch(x)
                 y = layer(x, training=True)
             sources = ([x] if wrt_input else []) + list(layer.trainable_weights)
-            return tape.gradient(y, sources, output_gradients=dy) if sources else y
+            # y too: a linear layer's gradients do not need its output, and
+            # without it TensorFlow would prune the forward pass from "both".
+            return (tape.gradient(y, sources, output_gradients=dy), y) if sources else y
 
         # Each function returns one element of each output: copying whole
         # outputs to NumPy would cost more than many layers.
