@@ -58,7 +58,7 @@ def main(argv):
     from zfkeras import deconv
 
     config = deconv.DeconvConfig(
-        images=tuple(path for value in _IMAGE.value for path in common.split_list(value)),
+        images=common.paths(_IMAGE.value),
         checkpoint=_CHECKPOINT.value,
         output_dir=_OUTPUT_DIR.value,
         layers=tuple(_LAYERS.value),

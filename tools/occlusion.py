@@ -69,7 +69,7 @@ def main(argv):
     config = occlusion.OcclusionConfig(
         checkpoint=_CHECKPOINT.value,
         output_dir=_OUTPUT_DIR.value,
-        images=tuple(path for value in _IMAGE.value for path in common.split_list(value)),
+        images=common.paths(_IMAGE.value),
         labels=tuple(_LABEL.value),
         dataset=_DATASET.value,
         split=_SPLIT.value,

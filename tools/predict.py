@@ -63,7 +63,7 @@ def main(argv):
     from zfkeras_export import client
 
     config = client.PredictConfig(
-        images=tuple(path for value in _IMAGE.value for path in common.split_list(value)),
+        images=common.paths(_IMAGE.value),
         model_path=_MODEL_PATH.value,
         server=_SERVER.value,
         top_k=_TOP_K.value,
