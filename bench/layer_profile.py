@@ -11,8 +11,9 @@ the forward time. `sgd update` applies SGD with momentum (the training
 optimizer) to all weights, `filter constraint` the filter renormalisation.
 `train step` is `train_on_batch` of the whole compiled model; the sum of the
 parts shows how much is overhead between them. Rows marked "(before)" time
-what this project replaced (the LRN op and its gradient; Keras' SGD) next to
-the current code, outside the sum. All interleaved, medians of `--repeats`.
+what this project replaced (TensorFlow's LRN op and its gradient; Keras'
+SGD) next to the current code, outside the sum; the "both" ones are forward
++ backward. All interleaved, medians of `--repeats`.
 """
 
 import time
@@ -99,8 +100,8 @@ def main(argv):
             flop_counts[layer.name] = flops.layer_flops(layer) * batch
             first = False
 
-    # What this project replaced, for before/after rows outside the sum: the
-    # LRN op with its gradient (ContrastNorm outside training) and Keras' SGD.
+    # What this project replaced, for before/after rows outside the sum:
+    # TensorFlow's LRN op (and its gradient, LRNGrad) and Keras' SGD.
     from zfkeras import layers as zlayers
 
     before = {}
@@ -108,16 +109,23 @@ def main(argv):
         if isinstance(layer, zlayers.ContrastNorm):
             x = tf.constant(rng.normal(size=(batch, *layer.input.shape[1:])).astype(np.float32))
             dy = tf.constant(rng.normal(size=(batch, *layer.output.shape[1:])).astype(np.float32))
+            settings = dict(
+                depth_radius=layer.depth_radius, bias=layer.bias, alpha=layer.alpha, beta=layer.beta
+            )
 
-            def lrn_op(layer=layer, x=x, dy=dy):
+            def lrn_forward(x=x, settings=settings):
+                return tf.nn.local_response_normalization(x, **settings)
+
+            def lrn_both(x=x, dy=dy, settings=settings):
                 with tf.GradientTape() as tape:
                     tape.watch(x)
-                    y = layer(x, training=False)
-                return tape.gradient(y, x, output_gradients=dy)
+                    y = tf.nn.local_response_normalization(x, **settings)
+                return tape.gradient(y, x, output_gradients=dy), y
 
-            name = f"{layer.name} with the LRN op (before)"
-            before[name] = f"{layer.name} both"
-            functions[name] = lambda f=tf.function(_first(lrn_op)): _numpy(f())
+            for kind, function in (("forward", lrn_forward), ("both", lrn_both)):
+                name = f"{layer.name} {kind} with the LRN op (before)"
+                before[name] = (f"{layer.name} {kind}", kind)
+                functions[name] = lambda f=tf.function(_first(function)): _numpy(f())
 
     weights = model.trainable_weights
     gradients = [tf.random.normal(w.shape, stddev=1e-6) for w in weights]
@@ -134,7 +142,7 @@ def main(argv):
 
     update = updater(model.optimizer)
     functions["sgd update with Keras' SGD (before)"] = lambda f=updater(keras_sgd): f().numpy()
-    before["sgd update with Keras' SGD (before)"] = "sgd update"
+    before["sgd update with Keras' SGD (before)"] = ("sgd update", "both")
 
     constraints = [
         (w, layer.kernel_constraint)
@@ -172,8 +180,9 @@ def main(argv):
         total += times[name]
         rows.append((name, "", f"{1e3 * times[name]:.1f}", ""))
     rows.append(("**sum of the parts**", "", f"{1e3 * total:.1f}", ""))
-    for name, now in before.items():
-        rows.append((name, "", f"{1e3 * times[name]:.1f} (now {1e3 * times[now]:.1f})", ""))
+    for name, (now, kind) in before.items():
+        cell = f"{1e3 * times[name]:.1f} (now {1e3 * times[now]:.1f})"
+        rows.append((name, cell, "", "") if kind == "forward" else (name, "", cell, ""))
     step_flops = flops.training_flops(model) * batch
     step_s = times["train step"]
     rows.append(("**train step**", "", f"{1e3 * step_s:.1f}", f"{step_flops / step_s / 1e9:.1f}"))

@@ -59,15 +59,33 @@ def unpool_reference(values, switches, output_size):
 # ContrastNorm and FilterRMSConstraint.
 
 
-@pytest.mark.parametrize("channels, depth_radius", [(7, 2), (3, 2), (5, 0)])
-def test_contrast_norm_matches_reference(channels, depth_radius):
+@pytest.mark.parametrize("lrn_op", [False, True])
+@pytest.mark.parametrize("channels, depth_radius", [(7, 2), (3, 2), (3, 4), (5, 0)])
+def test_contrast_norm_matches_reference(channels, depth_radius, lrn_op):
     a = np.random.default_rng(0).normal(0, 10, (2, 4, 5, channels)).astype(np.float32)
     layer = zlayers.ContrastNorm(depth_radius=depth_radius, bias=2.0, alpha=1e-2, beta=0.75)
+    layer.lrn_op = lrn_op
     expected = contrast_norm_reference(a, depth_radius, 2.0, 1e-2, 0.75)
     assert np.abs(expected - a).max() > 0.1  # the normalisation does something
     np.testing.assert_allclose(layer(a).numpy(), expected, rtol=1e-5, atol=1e-6)
     clone = zlayers.ContrastNorm.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+    assert clone.lrn_op is False  # an export setting, not saved
+
+
+def test_use_lrn_op_puts_the_lrn_op_in_traced_graphs():
+    inputs = keras.Input((4, 4, 6))
+    model = keras.Model(inputs, zlayers.ContrastNorm(name="norm")(inputs))
+
+    def op_types():
+        spec = tf.TensorSpec((1, 4, 4, 6), tf.float32)
+        graph = tf.function(lambda x: model(x)).get_concrete_function(spec).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "LRN" not in op_types()
+    zlayers.use_lrn_op(model)
+    assert model.get_layer("norm").lrn_op
+    assert "LRN" in op_types()
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -79,7 +97,7 @@ def test_contrast_norm_gradient_equals_tensorflows_lrn_gradient(training, beta):
     layer = zlayers.ContrastNorm(depth_radius=2, bias=2.0, alpha=1e-2, beta=beta)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        ours = layer(x, training=training)
+        ours = layer(x, training=training)  # the same computation in both modes
         theirs = tf.nn.local_response_normalization(
             x, depth_radius=2, bias=2.0, alpha=1e-2, beta=beta
         )

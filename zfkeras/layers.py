@@ -150,70 +150,16 @@ def transpose_convolution(signal, kernel, strides, groups=1):
     return tf.concat([_transpose_one(s, k, strides) for s, k in zip(signals, kernels)], axis=-1)
 
 
-def _channel_window(channels, depth_radius, dtype):
-    """(C, C) matrix: 1 where two channels are at most `depth_radius` apart."""
-    index = tf.range(channels)
-    return tf.cast(tf.abs(index[:, None] - index[None, :]) <= depth_radius, dtype)
+def _window_sum(v, radius):
+    """Sums each channel's window [c - radius, c + radius] (zeros past the ends).
 
-
-def contrast_norm(inputs, depth_radius, bias, alpha, beta):
-    """`tf.nn.local_response_normalization` with a faster gradient on CPU.
-
-    The forward pass is TensorFlow's op (a TFLite builtin, so exports keep
-    it). Its gradient kernel (LRNGrad) is slow on CPU: 195 ms of a 1.9 s
-    ZFNet training step at batch 32 for norm1 alone (bench/layer_profile.py).
-    With s = bias + alpha * W (x * x), where W sums each channel's window
-    (a C x C band matrix) and y = x * s^-beta, the input gradient is
-
-        dx = dy * s^-beta - 2 * alpha * beta * x * W (dy * y / s)
-
-    (the window is symmetric, so W is its own transpose): two small matmuls
-    and a few elementwise passes.
+    2r+1 shifted slices of the channel-padded input: inside an XLA cluster one
+    fused pass over memory. (A C x C band matrix product did the same with 2C
+    FLOPs per element: for norm1 of ZFNet 1.8 GFLOP at batch 32.)
     """
-
-    @tf.custom_gradient
-    def normalize(x):
-        y = tf.nn.local_response_normalization(
-            x, depth_radius=depth_radius, bias=bias, alpha=alpha, beta=beta
-        )
-
-        def gradient(upstream):
-            window = _channel_window(int(x.shape[-1]), depth_radius, x.dtype)
-            scale = _lrn_scale(x, window, bias, alpha)
-            return _lrn_input_gradient(upstream, x, y, scale, window, alpha, beta)
-
-        return y, gradient
-
-    return normalize(inputs)
-
-
-def contrast_norm_for_training(inputs, depth_radius, bias, alpha, beta):
-    """`contrast_norm` for training steps: the same function, all in XLA.
-
-    The forward pass computes s with the band matmul and keeps it for the
-    gradient, instead of running the LRN op and recomputing s; each pass is
-    one XLA cluster, which fuses the elementwise steps. For norm1 of ZFNet at
-    batch 32 forward + backward took 129 ms instead of 210 ms. Equal to
-    `contrast_norm` to float32 rounding (tests/test_layers.py); inference and
-    exports keep the LRN op.
-    """
-
-    @tf.custom_gradient
-    def normalize(x):
-        window = _channel_window(int(x.shape[-1]), depth_radius, x.dtype)
-        y, scale = _lrn_forward(x, window, bias, alpha, beta)
-
-        def gradient(upstream):
-            return _lrn_backward(upstream, x, y, scale, window, alpha, beta)
-
-        return y, gradient
-
-    return normalize(inputs)
-
-
-def _lrn_scale(x, window, bias, alpha):
-    """s = bias + alpha * (sum of squares over each channel's window)."""
-    return bias + alpha * tf.tensordot(tf.square(x), window, axes=1)
+    channels = int(v.shape[-1])
+    padded = tf.pad(v, [[0, 0]] * (v.shape.rank - 1) + [[radius, radius]])
+    return tf.add_n([padded[..., d : d + channels] for d in range(2 * radius + 1)])
 
 
 def _inverse_power(scale, beta):
@@ -222,18 +168,44 @@ def _inverse_power(scale, beta):
     return tf.pow(scale, -beta)
 
 
-def _lrn_input_gradient(upstream, x, y, scale, window, alpha, beta):
-    weighted = tf.tensordot(upstream * y / scale, window, axes=1)
-    return upstream * _inverse_power(scale, beta) - (2.0 * alpha * beta) * x * weighted
+@tf.function(jit_compile=True)
+def _lrn_forward(x, radius, bias, alpha, beta):
+    scale = bias + alpha * _window_sum(tf.square(x), radius)
+    return x * _inverse_power(scale, beta)
 
 
 @tf.function(jit_compile=True)
-def _lrn_forward(x, window, bias, alpha, beta):
-    scale = _lrn_scale(x, window, bias, alpha)
-    return x * _inverse_power(scale, beta), scale
+def _lrn_backward(upstream, x, radius, bias, alpha, beta):
+    # s is recomputed from x (read anyway) instead of kept from the forward pass.
+    scale = bias + alpha * _window_sum(tf.square(x), radius)
+    power = _inverse_power(scale, beta)
+    weighted = _window_sum(upstream * x * power / scale, radius)
+    return upstream * power - (2.0 * alpha * beta) * x * weighted
 
 
-_lrn_backward = tf.function(_lrn_input_gradient, jit_compile=True)
+def contrast_norm(inputs, depth_radius, bias, alpha, beta):
+    """`tf.nn.local_response_normalization`, compiled by XLA, with its gradient.
+
+    With s = bias + alpha * W(x * x), where W sums each channel's window, the
+    output is y = x * s^-beta and the input gradient
+
+        dx = dy * s^-beta - 2 * alpha * beta * x * W(dy * x * s^-beta / s)
+
+    (W is symmetric, so it is its own transpose). Each pass is one XLA
+    cluster that reads x (and dy) once. Against TensorFlow's LRN op and its
+    gradient (LRNGrad), norm1 of ZFNet at batch 32 (55x55x96): forward 47 ->
+    15 ms, forward + backward 227 -> 43 ms (bench/layer_profile.py). Equal to
+    the op to float32 rounding (tests/test_layers.py).
+    """
+
+    @tf.custom_gradient
+    def normalize(x):
+        def gradient(upstream):
+            return _lrn_backward(upstream, x, depth_radius, bias, alpha, beta)
+
+        return _lrn_forward(x, depth_radius, bias, alpha, beta), gradient
+
+    return normalize(inputs)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -247,12 +219,18 @@ class ContrastNorm(keras.layers.Layer):
     In the deconvnet this layer is passed through unchanged (Zeiler & Fergus
     Section 2.1 list only unpool, rectify and filter).
 
+    It runs as `contrast_norm` (XLA). Exporters set `lrn_op = True` (or call
+    `use_lrn_op(model)`) before tracing: TensorFlow's LRN op is a TFLite
+    builtin and needs no XLA at serving time. The attribute is not saved.
+
     Args:
         depth_radius: half-width r of the channel window (window 2r+1).
         bias: the constant k.
         alpha: the scale of the sum of squares.
         beta: the exponent.
     """
+
+    lrn_op = False
 
     def __init__(self, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75, **kwargs):
         super().__init__(**kwargs)
@@ -265,9 +243,12 @@ class ContrastNorm(keras.layers.Layer):
         self.alpha = float(alpha)
         self.beta = float(beta)
 
-    def call(self, inputs, training=None):
-        normalize = contrast_norm_for_training if training else contrast_norm
-        return normalize(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
+    def call(self, inputs):
+        if self.lrn_op:
+            return tf.nn.local_response_normalization(
+                inputs, self.depth_radius, self.bias, self.alpha, self.beta
+            )
+        return contrast_norm(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -278,6 +259,13 @@ class ContrastNorm(keras.layers.Layer):
             depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta
         )
         return config
+
+
+def use_lrn_op(model):
+    """Makes every ContrastNorm of `model` run TensorFlow's LRN op (for export)."""
+    for layer in model.layers:
+        if isinstance(layer, ContrastNorm):
+            layer.lrn_op = True
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
