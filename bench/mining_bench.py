@@ -13,13 +13,17 @@ same images. Worker processes, interleaved with the matmul ceiling:
   regenerating them) and `topk.project_winners` of `--maps` random maps per
   layer (their 9 winners each, at the recorded positions, 32 per batch).
   Timed in phases: mine, fetch, project.
+- `pass N=n` (one process per N): the mining pass alone (`mine_top_k`),
+  so that its time compares with the forward pass and its peak memory
+  with N, without the fetched winners (at most maps x k views, more
+  distinct ones for larger N).
 - `reference`: a bare forward pass of the Keras model over the same n images
   (`forward N=n`, same batches), and `Deconvnet.project` of exactly the
   mined requests (`projections N=n`, 32 per batch; the winners come from an
   untimed mining pass at set-up).
 
-The target is mining <= 1.3 x (forward + projections); the memory of a
-mining process should not depend on N.
+The target is mining <= 1.3 x (forward + projections); the memory of the
+mining pass should not depend on N.
 """
 
 import common
@@ -89,6 +93,19 @@ class _ModelInputs:
     @staticmethod
     def model_input(views):
         return views
+
+
+def pass_worker(num_images, size, width, fc_units, batch, maps):
+    from zfkeras.analysis import topk
+
+    model, _, layers, _ = _setup(size, width, fc_units, maps)
+    batches = image_batches(num_images, size, batch)
+
+    def mining_pass():
+        topk.mine_top_k(model, batches, layers, _K)
+        return num_images
+
+    return {f"pass N={num_images}": mining_pass}
 
 
 def mining_worker(num_images, size, width, fc_units, batch, maps):
@@ -186,9 +203,9 @@ def main(argv):
     print(common.machine_info())
     kwargs = dict(size=size, width=width, fc_units=fc_units, batch=batch, maps=maps)
     workers = [common.Worker("matmul", common.matmul_worker, {"size": matmul_size})]
-    workers += [
-        common.Worker(f"mine N={n}", mining_worker, dict(kwargs, num_images=n)) for n in counts
-    ]
+    for n in counts:
+        workers.append(common.Worker(f"mine N={n}", mining_worker, dict(kwargs, num_images=n)))
+        workers.append(common.Worker(f"pass N={n}", pass_worker, dict(kwargs, num_images=n)))
     workers.append(common.Worker("reference", reference_worker, dict(kwargs, num_images=counts)))
     session = common.run_session(workers, repeats, 0.0, inline, common.log_to_stderr)
     ceiling = common.ceiling_gflops(session, matmul_size)
@@ -196,6 +213,7 @@ def main(argv):
     rows = [("matmul ceiling", "", "", f"{ceiling:.1f}", "1.00", "", "")]
     for n in counts:
         mine, forward = results[f"mine N={n}"], results[f"forward N={n}"]
+        mining_pass = results[f"pass N={n}"]
         project = results[f"projections N={n}"]
         # Per repetition: mining / (forward + projections), then the median.
         ratios = [
@@ -208,6 +226,12 @@ def main(argv):
             (forward, "", n * forward_flops, ""),
             (project, "", projection_flops, ""),
             (mine, phases, useful, f"{ratio:.2f}"),
+            (
+                mining_pass,
+                "",
+                n * forward_flops,
+                f"{session.ratio(mining_pass.name, forward.name):.2f} x forward",
+            ),
         ):
             seconds = result.median_s * n
             gflops = flop_count / seconds / 1e9
@@ -225,7 +249,8 @@ def main(argv):
     print(
         f"median of {repeats} interleaved repetitions; 'x reference' = mining time / (forward "
         "+ projections time), median of per-repetition ratios; mining GFLOP/s counts the "
-        "forward passes over N and the projections"
+        "forward passes over N and the projections; 'pass' = the mining pass alone, against "
+        "the forward pass"
     )
     print(
         common.table(
