@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from zfkeras import data, images
 from zfkeras import deconv as zdeconv
+from zfkeras import layers as zlayers
 from zfkeras.errors import Error
 from zfkeras_export import builtin_pool
 
@@ -231,6 +232,9 @@ def unless_empty(fn, *tensors):
 class ServingGraph:
     """The serving computations of one exported model.
 
+    Switches the model's ContrastNorm layers to TensorFlow's LRN op
+    (`zfkeras.layers.use_lrn_op`) for good.
+
     Args:
         source: a `zfkeras_export.source.Source`.
         top_k: how many classes the classify functions return.
@@ -239,6 +243,9 @@ class ServingGraph:
     def __init__(self, source, top_k=5):
         self.source = source
         self.model = source.model
+        # TensorFlow's LRN op, not the XLA normalisation: a TFLite builtin, and
+        # TF Serving compiles no XLA unless started with --xla_cpu_compilation_enabled.
+        zlayers.use_lrn_op(self.model)
         self.preprocessing = source.preprocessing
         self.top_k = max(1, min(int(top_k), source.num_classes))
         crop = self.preprocessing.crop_size

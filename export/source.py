@@ -133,7 +133,6 @@ def load_source(path, snapshot=None):
         raise Error(f"{path}: no such run folder or .keras file")
     run = runs.load_run(path, snapshot=snapshot)
     conv_layers = check_model(run.model, path)
-    zlayers.use_lrn_op(run.model)  # a TFLite builtin; no XLA in exported graphs
     names = tuple(str(n) for n in run.class_names)
     classes = int(run.model.output_shape[-1])
     if len(names) != classes:

@@ -8,7 +8,9 @@
 #   accuracy    ZFNet, AlexNet, AlexNet two-tower at the comparison budget, seeds 0-2
 #   ablations   Table 3 rows at the comparison budget, seed 0 (ZFNet, then AlexNet)
 #   renorm      ZFNet without filter renormalisation (Fig. 6(a)), seed 0
-#   figures     Figs. 2, 4, 5, 6, 7, Table 1 and Table 7 from the runs above
+#   figures     all of: top9 (Fig. 2), evolution (Fig. 4), invariance (Fig. 5),
+#               filters (Fig. 6), occlusion (Fig. 7), correspondence (Table 1),
+#               probe (Table 7); each is also a step of its own
 #   photos      tools/deconv.py on the photos in $PHOTOS (default ../shared/data/photos)
 #   tables      regenerate RESULTS.md's measured tables from the runs' JSON
 #
@@ -70,21 +72,40 @@ step_ablations() {
 
 step_renorm() { train zfnet_no_renorm_s0 fashion_mnist_zfnet --filter_rms=0; }
 
-step_figures() {
-  local ref=$out/reference
-  $py tools/dataset_images.py --split=test --count=40 --output_dir="$out/images" >/dev/null
-  figure top9 mine_top9 --checkpoint="$ref" --split=test --num_maps=12
-  figure evolution evolution --checkpoint="$ref" --split=test --num_images=2000
-  figure invariance invariance --checkpoint="$ref" --split=test --count=5
+# The figure steps read the reference run (and, for filters, the seed-0 runs).
+test_images() {
+  [ -d "$out/images" ] ||
+    $py tools/dataset_images.py --split=test --count=40 --output_dir="$out/images" >/dev/null
+}
+
+step_top9() { figure top9 mine_top9 --checkpoint="$out/reference" --split=test --num_maps=12; }
+
+step_evolution() {
+  figure evolution evolution --checkpoint="$out/reference" --split=test --num_images=2000
+}
+
+step_invariance() { figure invariance invariance --checkpoint="$out/reference" --split=test --count=5; }
+
+step_filters() {
   figure compare_filters compare_filters \
     --checkpoint="$out/alexnet_s0,$out/zfnet_s0,$out/zfnet_no_renorm_s0" \
     --labels="AlexNet,ZFNet,ZFNet no renormalisation"
-  figure occlusion occlusion --checkpoint="$ref" --split=test --indices=0,2,4,6,8,11
+}
+
+step_occlusion() {
+  figure occlusion occlusion --checkpoint="$out/reference" --split=test --indices=0,2,4,6,8,11
+}
+
+step_correspondence() {
+  test_images
   # The parts file names images by file name: it sits beside them.
   cp "$docs/fashion_mnist_parts.json" "$out/images/parts.json"
-  figure correspondence correspondence --checkpoint="$ref" \
+  figure correspondence correspondence --checkpoint="$out/reference" \
     --parts_file="$out/images/parts.json" --repeats=20
-  figure probe probe --checkpoint="$ref" --train_split='train[:10000]' --test_split=test
+}
+
+step_probe() {
+  figure probe probe --checkpoint="$out/reference" --train_split='train[:10000]' --test_split=test
 }
 
 step_photos() {
@@ -99,20 +120,24 @@ step_photos() {
 
 step_tables() { $py scripts/results_tables.py --runs="$out" --results=RESULTS.md; }
 
-steps=("$@")
-if [ "${#steps[@]}" -eq 0 ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-if [ "${steps[0]}" = all ]; then
-  steps=(reference accuracy renorm ablations figures photos tables)
-fi
-for step in "${steps[@]}"; do
+figures=(top9 evolution invariance filters occlusion correspondence probe)
+known=(reference accuracy ablations renorm "${figures[@]}" photos tables)
+steps=()
+for step in "$@"; do
   case $step in
-    reference | accuracy | ablations | renorm | figures | photos | tables) "step_$step" ;;
-    *)
-      echo "results: unknown step $step (reference accuracy ablations renorm figures photos tables all)" >&2
-      exit 2
-      ;;
+    all) steps+=(reference accuracy renorm ablations "${figures[@]}" photos tables) ;;
+    figures) steps+=("${figures[@]}") ;;
+    *) steps+=("$step") ;;
   esac
 done
+if [ "${#steps[@]}" -eq 0 ]; then
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+for step in "${steps[@]}"; do
+  if [[ " ${known[*]} " != *" $step "* ]]; then
+    echo "results: unknown step $step (${known[*]} figures all)" >&2
+    exit 2
+  fi
+done
+for step in "${steps[@]}"; do "step_$step"; done
