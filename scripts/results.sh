@@ -73,18 +73,20 @@ step_ablations() {
 step_renorm() { train zfnet_no_renorm_s0 fashion_mnist_zfnet --filter_rms=0; }
 
 # The figure steps read the reference run (and, for filters, the seed-0 runs).
+ref=$out/reference
+
 test_images() {
   [ -d "$out/images" ] ||
     $py tools/dataset_images.py --split=test --count=40 --output_dir="$out/images" >/dev/null
 }
 
-step_top9() { figure top9 mine_top9 --checkpoint="$out/reference" --split=test --num_maps=12; }
+step_top9() { figure top9 mine_top9 --checkpoint="$ref" --split=test --num_maps=12; }
 
 step_evolution() {
-  figure evolution evolution --checkpoint="$out/reference" --split=test --num_images=2000
+  figure evolution evolution --checkpoint="$ref" --split=test --num_images=2000
 }
 
-step_invariance() { figure invariance invariance --checkpoint="$out/reference" --split=test --count=5; }
+step_invariance() { figure invariance invariance --checkpoint="$ref" --split=test --count=5; }
 
 step_filters() {
   figure compare_filters compare_filters \
@@ -93,19 +95,19 @@ step_filters() {
 }
 
 step_occlusion() {
-  figure occlusion occlusion --checkpoint="$out/reference" --split=test --indices=0,2,4,6,8,11
+  figure occlusion occlusion --checkpoint="$ref" --split=test --indices=0,2,4,6,8,11
 }
 
 step_correspondence() {
   test_images
   # The parts file names images by file name: it sits beside them.
   cp "$docs/fashion_mnist_parts.json" "$out/images/parts.json"
-  figure correspondence correspondence --checkpoint="$out/reference" \
+  figure correspondence correspondence --checkpoint="$ref" \
     --parts_file="$out/images/parts.json" --repeats=20
 }
 
 step_probe() {
-  figure probe probe --checkpoint="$out/reference" --train_split='train[:10000]' --test_split=test
+  figure probe probe --checkpoint="$ref" --train_split='train[:10000]' --test_split=test
 }
 
 step_photos() {
@@ -115,7 +117,7 @@ step_photos() {
   fi
   local images
   images=$(find "$PHOTOS" -maxdepth 1 \( -name '*.png' -o -name '*.jpg' \) | sort | paste -sd, -)
-  figure photos deconv --checkpoint="$out/reference" --image="$images" --top=6
+  figure photos deconv --checkpoint="$ref" --image="$images" --top=6
 }
 
 step_tables() { $py scripts/results_tables.py --runs="$out" --results=RESULTS.md; }

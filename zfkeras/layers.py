@@ -15,7 +15,9 @@ optimizer saved in the compile settings of tools/train.py's models, so that
 
 Functions: `transpose_convolution` (the full transposed convolution, with a
 fast path for few output channels) and `padding_before` (TensorFlow's padding
-rule), shared by the layers and the deconvnet's receptive-field windows.
+rule), shared by the layers and the deconvnet's receptive-field windows;
+`contrast_norm` (ContrastNorm's XLA computation) and `use_lrn_op` (exports:
+TensorFlow's LRN op instead).
 """
 
 import keras
@@ -168,16 +170,20 @@ def _inverse_power(scale, beta):
     return tf.pow(scale, -beta)
 
 
+def _lrn_scale(x, radius, bias, alpha):
+    """s = bias + alpha * (sum of squares over each channel's window)."""
+    return bias + alpha * _window_sum(tf.square(x), radius)
+
+
 @tf.function(jit_compile=True)
 def _lrn_forward(x, radius, bias, alpha, beta):
-    scale = bias + alpha * _window_sum(tf.square(x), radius)
-    return x * _inverse_power(scale, beta)
+    return x * _inverse_power(_lrn_scale(x, radius, bias, alpha), beta)
 
 
 @tf.function(jit_compile=True)
 def _lrn_backward(upstream, x, radius, bias, alpha, beta):
     # s is recomputed from x (read anyway) instead of kept from the forward pass.
-    scale = bias + alpha * _window_sum(tf.square(x), radius)
+    scale = _lrn_scale(x, radius, bias, alpha)
     power = _inverse_power(scale, beta)
     weighted = _window_sum(upstream * x * power / scale, radius)
     return upstream * power - (2.0 * alpha * beta) * x * weighted
