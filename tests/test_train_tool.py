@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import REPO, run_tool
+
+from zfkeras import checkpoint
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -94,11 +97,19 @@ def test_flags_txt_reruns_and_resumes(tiny_run):
     flags_txt = (workdir / "flags.txt").read_text()
     assert "--width=0.125" in flags_txt and "--epochs=2" in flags_txt
     before = os.path.getmtime(workdir / "snapshots" / "epoch_001.keras")
+    first_run_s = checkpoint.load(str(workdir / "backup")).state["extra"]["elapsed_s"]
+    started = time.time()
     again = run_tool("train", f"--flagfile={workdir / 'flags.txt'}")
+    rerun_s = time.time() - started
     assert again.returncode == 0, again.stderr
     # Both epochs were restored from the backup: no epoch ran again.
     assert os.path.getmtime(workdir / "snapshots" / "epoch_001.keras") == before
-    assert json.loads((workdir / "eval.json").read_text())["resumed"] is True
+    results = json.loads((workdir / "eval.json").read_text())
+    assert results["resumed"] is True
+    # The history of the epochs trained before is kept in the checkpoints.
+    assert len(results["history"]["loss"]) == 2
+    # Wall time: the first run's, as its last checkpoint recorded it, plus this one's.
+    assert first_run_s < results["wall_time_s"] < first_run_s + rerun_s
 
 
 def test_more_epochs_continue_from_the_backup(tiny_run, tmp_path):
@@ -112,7 +123,8 @@ def test_more_epochs_continue_from_the_backup(tiny_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     history = json.loads((workdir / "eval.json").read_text())["history"]
-    assert len(history["loss"]) == 1  # only epoch 3 ran
+    # Only epoch 3 ran here; the history still starts at epoch 1.
+    assert len(history["loss"]) == len(history["val_loss"]) == 3
 
 
 def test_evaluate_tool(tiny_run):

@@ -273,6 +273,8 @@ class _Checkpointer(keras.callbacks.Callback):
         lr_callback: the learning-rate callback whose state is checkpointed.
         saved: the position of the checkpoint on disk, if any.
         restored_extra: the callback state of the checkpoint resumed from.
+        elapsed: callable giving the run's wall time so far (s), kept in
+            each checkpoint.
     """
 
     def __init__(
@@ -285,6 +287,7 @@ class _Checkpointer(keras.callbacks.Callback):
         lr_callback=None,
         saved=None,
         restored_extra=None,
+        elapsed=None,
     ):
         super().__init__()
         self.folder = folder
@@ -295,6 +298,12 @@ class _Checkpointer(keras.callbacks.Callback):
         self.lr_callback = lr_callback
         self.saved = saved
         self.restored_extra = restored_extra or {}
+        self.elapsed = elapsed
+        # Per-epoch logs of the whole run, kept in every checkpoint so that a
+        # resumed run's history starts at epoch 1, not at the resumed epoch.
+        self.history = {
+            key: list(values) for key, values in self.restored_extra.get("history", {}).items()
+        }
         self.save_seconds = []
         self._epoch = start.epoch
         self._offset = 0
@@ -327,6 +336,8 @@ class _Checkpointer(keras.callbacks.Callback):
         if self._cut_short:
             self.model.stop_training = False
             self._cut_short = False
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
         position = checkpoint.Position(epoch + 1, 0)
         self._save(position)
         if self.signals.get("signum") is not None:
@@ -334,7 +345,9 @@ class _Checkpointer(keras.callbacks.Callback):
 
     def _save(self, position):
         start = time.monotonic()
-        extra = {"plateau": _plateau_state(self.lr_callback)}
+        extra = {"plateau": _plateau_state(self.lr_callback), "history": self.history}
+        if self.elapsed is not None:
+            extra["elapsed_s"] = self.elapsed()
         checkpoint.save(self.folder, self.model, position, self.steps_per_epoch, extra)
         self.saved = position
         self.save_seconds.append(time.monotonic() - start)
@@ -766,7 +779,14 @@ def train_and_evaluate(config, flags_text=None, report=None):
         report(f"resuming at {start.describe(steps)} from {restored_from}")
     saved = start if restored_from else None
 
-    history = None
+    history = (extra or {}).get("history", {})
+    # Wall time of the whole run: earlier, interrupted invocations up to the
+    # checkpoint resumed from, then this one.
+    earlier_s = float((extra or {}).get("elapsed_s", 0.0))
+
+    def elapsed():
+        return earlier_s + time.time() - start_time
+
     if start.epoch < config.epochs:
         train_ds = train_stream(config, preprocessing, mean, steps, start)
         history = _fit(
@@ -780,9 +800,10 @@ def train_and_evaluate(config, flags_text=None, report=None):
             start=start,
             saved=saved,
             extra=extra,
+            elapsed=elapsed,
         )
 
-    results = {"workdir": workdir, "resumed": resumed, "history": _history(history)}
+    results = {"workdir": workdir, "resumed": resumed, "history": history}
     if chief:
         fileio.save_model(model, os.path.join(workdir, runs.MODEL_FILE))
     test_raw_cache = {}
@@ -793,14 +814,30 @@ def train_and_evaluate(config, flags_text=None, report=None):
         results[f"test_{crops}crop"] = evaluation.evaluate(
             model, test_raw, preprocessing, mean, crops, config.eval_batch_size
         )
-    results["wall_time_s"] = round(time.time() - start_time, 1)
+    results["wall_time_s"] = round(elapsed(), 1)
     if chief:
         fileio.write_json(os.path.join(workdir, "eval.json"), results)
     return results
 
 
-def _fit(config, model, strategy, train_ds, val_ds, steps, checkpoint_folder, start, saved, extra):
-    """Runs `fit` from `start` with checkpoints; returns its History."""
+def _fit(
+    config,
+    model,
+    strategy,
+    train_ds,
+    val_ds,
+    steps,
+    checkpoint_folder,
+    start,
+    saved,
+    extra,
+    elapsed,
+):
+    """Runs `fit` from `start` with checkpoints; returns the run's per-epoch logs.
+
+    The logs are {metric: [value per epoch]} from epoch 1, including the
+    epochs of earlier, interrupted runs (kept in the checkpoints).
+    """
     folder = checkpoint_folder
     chief = distribute.is_chief(strategy)
     verbose = _verbosity(config) if chief else 0
@@ -818,6 +855,7 @@ def _fit(config, model, strategy, train_ds, val_ds, steps, checkpoint_folder, st
             lr_callback=lr_callback,
             saved=saved,
             restored_extra=extra,
+            elapsed=elapsed,
         )
         callbacks = [_StopOnNonFinite(start)]
         if lr_callback is not None:
@@ -833,7 +871,7 @@ def _fit(config, model, strategy, train_ds, val_ds, steps, checkpoint_folder, st
                 callbacks.append(_evolution_callback(model, val_ds, config, log_dir))
         callbacks.append(checkpointer)
         try:
-            history = model.fit(
+            model.fit(
                 train_ds,
                 validation_data=val_ds,
                 initial_epoch=start.epoch,
@@ -872,7 +910,7 @@ def _fit(config, model, strategy, train_ds, val_ds, steps, checkpoint_folder, st
             len(checkpointer.save_seconds),
             sum(checkpointer.save_seconds) / len(checkpointer.save_seconds),
         )
-    return history
+    return checkpointer.history
 
 
 def _last_checkpoint(folder, saved, steps):
@@ -882,12 +920,3 @@ def _last_checkpoint(folder, saved, steps):
         f"the last good checkpoint ({saved.describe(steps)}) is kept in "
         f"{os.path.join(folder, checkpoint.LATEST)}"
     )
-
-
-def _history(history):
-    out = {}
-    if history is None:
-        return out
-    for key, values in (history.history or {}).items():
-        out[key] = [float(v) for v in values]
-    return out
