@@ -106,15 +106,13 @@ def reference_table(runs):
     if result is None:
         return "Not run yet: `bash scripts/results.sh reference`."
     one, ten = accuracies(result)
-    history = result.get("history", {})
-    epochs = len(history.get("val_accuracy", []))
-    val = history.get("val_accuracy", [0])[-1] * 100
+    # The reference trains on all 60,000 training images: no validation column.
+    epochs = len(result.get("history", {}).get("loss", []))
     return "\n".join(
         [
-            "| config | epochs | val accuracy (%) | test, 1 crop (%) | test, 10 crops (%) "
-            "| wall time (min) |",
-            "|---|---|---|---|---|---|",
-            f"| `fashion_mnist_reference.cfg` | {epochs} | {val:.2f} | {one:.2f} | {ten:.2f} "
+            "| config | epochs | test accuracy, 1 crop (%) | 10 crops (%) | wall time (min) |",
+            "|---|---|---|---|---|",
+            f"| `fashion_mnist_reference.cfg` | {epochs} | {one:.2f} | {ten:.2f} "
             f"| {result['wall_time_s'] / 60:.0f} |",
         ]
     )
