@@ -62,11 +62,17 @@ step_accuracy() {
   done
 }
 
+# Table 3's rows in RESULTS.md's order: the layer removals and fc widths first.
+ablations=(no_conv3_conv4 no_fc6_fc7 fc2048 fc8192 no_fc7 conv512_1024_512
+  conv512_1024_512_fc8192 alexnet_ablation_no_conv3_conv4 alexnet_ablation_no_fc6_fc7
+  alexnet_ablation_fc2048 alexnet_ablation_fc8192 alexnet_ablation_no_fc7
+  alexnet_ablation_no_conv3_conv4_fc6_fc7)
+
 step_ablations() {
-  for config in tools/configs/fashion_mnist_ablation_*.cfg \
-    tools/configs/fashion_mnist_alexnet_ablation_*.cfg; do
-    config=$(basename "$config" .cfg)
-    train "${config#fashion_mnist_}_s0" "$config"
+  local name
+  for name in "${ablations[@]}"; do
+    [[ $name == alexnet_* ]] || name=ablation_$name
+    train "${name}_s0" "fashion_mnist_$name"
   done
 }
 

@@ -62,3 +62,27 @@ def test_missing_markers_are_an_error(tmp_path):
     )
     assert done.returncode != 0 and "markers" in done.stderr
     assert results.read_text() == "no markers\n"
+
+
+def test_results_sh_trains_every_ablation_config():
+    # results.sh lists Table 3's runs in RESULTS.md's order; none may be missed.
+    listed = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'eval "$(sed -n "/^ablations=(/,/)/p" scripts/results.sh)"; '
+            'printf "%s\\n" "${ablations[@]}"',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    configs = {
+        name[len("fashion_mnist_") : -len(".cfg")]
+        for name in os.listdir(os.path.join(REPO, "tools", "configs"))
+        if name.startswith("fashion_mnist_") and "ablation" in name
+    }
+    names = {name if name.startswith("alexnet_") else f"ablation_{name}" for name in listed}
+    assert len(listed) == len(names) == 13
+    assert names == configs
