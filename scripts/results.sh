@@ -39,14 +39,16 @@ train() {
   tail -n 3 "$out/$name.log"
 }
 
-# figure NAME TOOL [FLAG...]: one analysis tool into $out/figures/NAME, PNGs to docs.
+# figure NAME TOOL [FLAG...]: one analysis tool into $out/figures/NAME; PNGs and its
+# printed output (output.txt) to docs.
 figure() {
   local name=$1 tool=$2
   shift 2
   echo "results: $name ($(date -u +%H:%M) UTC)"
-  $py "tools/$tool.py" --output_dir="$out/figures/$name" "$@"
-  mkdir -p "$docs/$name"
-  cp "$out/figures/$name"/*.png "$docs/$name/"
+  mkdir -p "$out/figures/$name" "$docs/$name"
+  # What the tool prints (its measured summary) is kept beside the figures.
+  $py "tools/$tool.py" --output_dir="$out/figures/$name" "$@" | tee "$out/figures/$name/output.txt"
+  cp "$out/figures/$name"/*.png "$out/figures/$name/output.txt" "$docs/$name/"
   $py scripts/small_png.py --max_width=1000 "$docs/$name"/*.png >/dev/null
   # Small JSON summaries go with the figures; big per-map dumps stay in runs/.
   find "$out/figures/$name" -maxdepth 1 -name '*.json' -size -200k -exec cp {} "$docs/$name/" \;

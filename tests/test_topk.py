@@ -305,10 +305,13 @@ def test_tool_mines_projects_and_reuses_its_state(tiny_run):
     result = run_tool(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mined 27 images" in result.stdout and "mining: 4/4 batches" in result.stderr
+    assert "conv5: 64 maps" in result.stdout and "labels shuffled" in result.stdout
     names = sorted(os.listdir(out))
     assert names == ["top9.json", "top9_conv1.png", "top9_conv5.png", "top9_state.npz"]
     record = json.load(open(out / "top9.json"))
     assert [m["map"] for m in record["layers"]["conv5"]["maps"]] == [1, 3]
+    assert set(record["classes"]) == {"conv1", "conv5"}
+    assert record["classes"]["conv1"]["maps"] == 24
     assert len(record["layers"]["conv1"]["maps"]) == 2
     state = topk.load_top_k(str(out / "top9_state.npz"))
     assert state.complete and state.values["conv1"].shape == (24, 9)  # every map is kept
@@ -343,3 +346,34 @@ def test_per_image_max_finds_the_first_maximum_among_ties(shape):
     flat = maps.reshape(shape[0], -1, shape[-1])
     np.testing.assert_array_equal(maxima, flat.max(axis=1))
     np.testing.assert_array_equal(positions, flat.argmax(axis=1))  # NumPy: the first.
+
+
+def test_class_summary_counts_each_maps_commonest_class():
+    # Layer a: map 0's top 3 are images 0, 1, 2 (labels 1, 1, 1); map 1's are
+    # 3, 4, 0 (labels 2, 0, 1); map 2 never fires. Layer b: one map, 1, 1, 2.
+    labels = np.array([1, 1, 1, 2, 0, 2])
+    top = topk.TopK(
+        layers=("a", "b"),
+        values={"a": np.array([[3, 2, 1], [5, 4, 1], [0, 0, 0]], np.float32), "b": np.ones((1, 3))},
+        image_index={"a": np.array([[0, 1, 2], [3, 4, 0], [5, 4, 3]]), "b": np.array([[0, 1, 5]])},
+        positions={},
+        num_images=6,
+        complete=True,
+        batches=1,
+        fingerprint={},
+    )
+    got = topk.class_summary(top, labels)
+    assert got["a"]["maps"] == 3 and got["a"]["silent_maps"] == 1
+    assert got["a"]["majority_share"] == pytest.approx((1 + 1 / 3) / 2)
+    assert got["a"]["one_class_maps"] == 0.5
+    assert got["b"]["majority_share"] == pytest.approx(2 / 3) and got["b"]["one_class_maps"] == 0
+    # The control permutes the labels: the same statistic of another labelling.
+    shuffled = np.random.default_rng(0).permutation(labels)
+    share = np.bincount(shuffled[[0, 1, 5]]).max() / 3
+    assert got["b"]["shuffled_majority_share"] == pytest.approx(share)
+
+
+def test_dataset_labels_are_in_dataset_order(setup):
+    raw, _, labels, *_ = setup
+    np.testing.assert_array_equal(topk.dataset_labels(raw), labels)
+    np.testing.assert_array_equal(topk.dataset_labels(raw, 5), labels[:5])

@@ -10,7 +10,9 @@ image); the winners of the maps shown are projected with the deconvnet and
 drawn beside their image patches, one PNG per layer. The mined state
 (top9_state.npz) is saved every --checkpoint_every batches: re-running the
 same command resumes an interrupted pass, or re-plots (other maps, say)
-without mining again.
+without mining again. Per layer it prints how class-specific the maps are:
+the share of a map's top 9 that belong to its commonest class, against the
+same share with the labels shuffled.
 """
 
 from absl import flags
@@ -71,6 +73,15 @@ def main(argv):
     if result["resumed_from"]:
         how += f" (resumed after batch {result['resumed_from']})"
     print(f"{how}; layers: {', '.join(result['layers'])}")
+    for layer, row in result["classes"].items():
+        line = f"{layer}: {row['maps']} maps, {row['silent_maps']} never active"
+        if row["majority_share"] is not None:
+            line += (
+                f"; top-{_TOP.value} images of one class: {row['one_class_maps']:.0%} of maps;"
+                f" mean share of the commonest class {row['majority_share']:.2f}"
+                f" (labels shuffled: {row['shuffled_majority_share']:.2f})"
+            )
+        print(line)
     print(f"written: {', '.join(result['figures'] + [result['json'], result['state']])}")
 
 

@@ -484,6 +484,48 @@ def fetch_views(dataset, preprocessing, indices, batch_size=64):
     return views[rows], labels[rows]
 
 
+def dataset_labels(dataset, count=0):
+    """The labels of a raw (image, label) dataset, in its order (int64 (n,))."""
+    ds = dataset.take(count) if count else dataset
+    parts = [label for label in ds.map(lambda image, label: label).batch(4096).as_numpy_iterator()]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def class_summary(top_k, labels, seed=0):
+    """How class-specific each layer's maps are: Fig. 2's reading, as numbers.
+
+    For the maps that fire at all (strongest activation > 0), the share of a
+    map's top-k images that belong to its most common class, averaged over the
+    maps, and the fraction of maps whose top-k images are all of one class.
+    The control is the same share with the dataset's labels shuffled (one
+    seeded permutation): what k images picked without regard to class give.
+
+    Args:
+        top_k: a complete `TopK`.
+        labels: int (num_images,) labels in dataset order (negative: unknown).
+        seed: seed of the permutation.
+
+    Returns:
+        {layer: {maps, silent_maps, majority_share, one_class_maps,
+        shuffled_majority_share}} (shares None when no map fires).
+    """
+    labels = np.asarray(labels, np.int64)
+    shuffled = np.random.default_rng(seed).permutation(labels)
+    summary = {}
+    for layer in top_k.layers:
+        index = top_k.image_index[layer]
+        firing = (top_k.values[layer][:, 0] > 0) & (index >= 0).all(axis=1)
+        row = {"maps": int(len(index)), "silent_maps": int((~firing).sum())}
+        for key, source in (("majority_share", labels), ("shuffled_majority_share", shuffled)):
+            winners = source[index[firing]]
+            shares = [np.bincount(w[w >= 0]).max() / len(w) for w in winners if (w >= 0).any()]
+            row[key] = float(np.mean(shares)) if shares else None
+            if key == "majority_share":
+                row["one_class_maps"] = float(np.mean(np.equal(shares, 1.0))) if shares else None
+        summary[layer] = row
+    return summary
+
+
 @dataclasses.dataclass(frozen=True)
 class Winners:
     """The projected top-k activations of some maps of one layer.
@@ -707,7 +749,8 @@ def run_topk(config, progress=None):
     Writes into `config.output_dir`: `top9_state.npz` (the mined state of
     every map: `load_top_k`), `top9_<layer>.png` (for each shown map its k
     projections beside their image patches) and `top9.json` (for each shown
-    map and rank: image index, label, activation, position, box).
+    map and rank: image index, label, activation, position, box; and per
+    layer, `class_summary`'s numbers under "classes").
 
     Args:
         config: a `TopKConfig`.
@@ -715,7 +758,7 @@ def run_topk(config, progress=None):
 
     Returns:
         dict: figures, json, state, resumed_from (batches), reused (bool),
-        num_images, layers.
+        num_images, layers, classes (`class_summary`).
 
     Raises:
         Error: bad checkpoint, data, layer or map (one line).
@@ -793,6 +836,7 @@ def run_topk(config, progress=None):
         "state": STATE_FILE,
         "layers": {},
     }
+    record["classes"] = class_summary(top_k, dataset_labels(raw, top_k.num_images))
     figures_written = []
     for layer in layers:
         winners = project_winners(dn, run, top_k, layer, maps[layer], views, labels, view_rows)
@@ -834,4 +878,5 @@ def run_topk(config, progress=None):
         "reused": reused,
         "num_images": top_k.num_images,
         "layers": layers,
+        "classes": record["classes"],
     }
