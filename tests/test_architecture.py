@@ -153,6 +153,22 @@ def workdir(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("shape", [(7, 7, 1), (11, 11, 3)])
+def test_white_noise_control_spreads_energy_like_the_frequency_grid(shape):
+    # White noise has a flat expected spectrum: each band's expected share is
+    # the share of the DFT grid's points that fall in it.
+    size = 64
+    fy = np.fft.fftfreq(size)
+    radius = np.hypot(fy[:, None], fy[None, :])
+    grid = [np.mean(radius < 0.125), np.mean((radius >= 0.125) & (radius < 0.25))]
+    grid.append(1 - sum(grid))
+    got = architecture.white_noise_bands(shape)
+    np.testing.assert_allclose(got, grid, atol=0.02)
+    assert got[2] > 0.7
+    # Seeded: the control is the same number every run.
+    np.testing.assert_array_equal(got, architecture.white_noise_bands(shape))
+
+
 def test_tool_compares_two_models(workdir):
     out = workdir / "out"
     result = run_script(
@@ -167,6 +183,7 @@ def test_tool_compares_two_models(workdir):
     )
     assert result.returncode == 0, result.stderr
     assert "AlexNet: conv1 11x11/4" in result.stdout and "ZFNet: conv1 7x7/2" in result.stdout
+    assert result.stdout.count("(white-noise filters of this size: ") == 2
     assert "compare_filters: " in result.stderr  # progress
     expected = ["compare_filters.csv", "compare_filters.json", "filters.png", "layer2.png"]
     assert sorted(os.listdir(out)) == expected
@@ -179,6 +196,7 @@ def test_tool_compares_two_models(workdir):
     assert alexnet["sample_images"] == 8 and len(alexnet["images"]) == 2
     for model in record["models"]:
         assert sum(model["bands"]["mean_fraction"].values()) == pytest.approx(1.0)
+        assert sum(model["bands"]["white_noise_mean_fraction"].values()) == pytest.approx(1.0)
         assert 0 <= model["dead"]["fraction"] <= 1
     rows = (out / "compare_filters.csv").read_text().splitlines()
     assert len(rows) == 1 + alexnet["conv1"]["filters"] + zfnet["conv1"]["filters"]

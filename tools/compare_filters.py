@@ -7,7 +7,8 @@
 Shows the conv1 filters side by side with their radial power spectra, the
 share of filter energy in low / mid / high spatial frequencies (band edges
 1/8 and 1/4 cycles per pixel: the output Nyquist frequencies of stride 4 and
-stride 2), the count of dead and near-dead filters on a sample of
+stride 2; beside them the same shares for white-noise filters of the same
+size, a filter with no structure), the count of dead and near-dead filters on a sample of
 --sample_size dataset images, and the strongest conv2 maps of a few images
 projected to pixels. RUN_DIR@N stands for the run's snapshot of epoch N.
 Writes filters.png, layer2.png, compare_filters.json and compare_filters.csv
@@ -83,7 +84,10 @@ def main(argv):
             f"{model['label']}: conv1 {conv1['kernel_size'][0]}x{conv1['kernel_size'][1]}"
             f"/{conv1['strides'][0]}; dead {model['dead']['count']}/{conv1['filters']}, "
             f"near-dead {model['near_dead']['count']}; energy low {bands['low']:.2f}, "
-            f"mid {bands['mid']:.2f}, high {bands['high']:.2f}"
+            f"mid {bands['mid']:.2f}, high {bands['high']:.2f} (white-noise filters of this "
+            "size: {low:.2f}, {mid:.2f}, {high:.2f})".format(
+                **model["bands"]["white_noise_mean_fraction"]
+            )
         )
     print("written: " + ", ".join(out["paths"].values()))
 

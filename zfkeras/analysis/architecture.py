@@ -35,6 +35,9 @@ sqrt(2)/2) into bands with edges 1/8 and 1/4:
 - high: r >= 1/4, above both.
 The DC component (a filter's response to flat regions) counts as low. Each
 filter's fractions sum to 1; the model's numbers are the mean over filters.
+The control is the same numbers for filters of white noise of the model's
+kernel shape (seeded): what a filter with no structure, such as an untrained
+one, gives (mostly high, as most of the frequency plane is above 1/4).
 """
 
 import dataclasses
@@ -112,6 +115,16 @@ def band_energy(kernel, edges=BAND_EDGES, size=None):
     total = energy.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, energy / total, np.nan)
+
+
+def white_noise_bands(shape, edges=BAND_EDGES, count=256, seed=0):
+    """Mean band fractions of `count` white-noise filters of kernel `shape` (kh, kw, in).
+
+    Returns:
+        float (3,): the control for `band_energy`'s mean over a model's filters.
+    """
+    noise = np.random.default_rng(seed).standard_normal(tuple(shape[:3]) + (count,))
+    return band_energy(noise, edges).mean(axis=0)
 
 
 def radial_spectrum(kernel, bins=24, size=None):
@@ -238,6 +251,9 @@ def summarize_first_layer(run, sample_views, near_dead_ratio=0.1, edges=BAND_EDG
             "edges_cycles_per_pixel": [float(e) for e in edges],
             "mean_fraction": dict(zip(BAND_NAMES, (float(v) for v in np.nanmean(bands, 0)))),
             "dominant_count": dict(zip(BAND_NAMES, (int(v) for v in dominant))),
+            "white_noise_mean_fraction": dict(
+                zip(BAND_NAMES, (float(v) for v in white_noise_bands(kernel.shape, edges)))
+            ),
         },
         "weight_rms": {
             "median": median_rms,
