@@ -128,7 +128,7 @@ step_photos() {
   figure photos deconv --checkpoint="$ref" --image="$images" --top=6
 }
 
-step_tables() { $py scripts/results_tables.py --runs="$out" --results=RESULTS.md; }
+step_tables() { $py scripts/results_tables.py --runs="$out" --docs="$docs" --results=RESULTS.md; }
 
 figures=(top9 evolution invariance filters occlusion correspondence probe)
 known=(reference accuracy ablations renorm "${figures[@]}" photos tables)

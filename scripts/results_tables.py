@@ -1,11 +1,12 @@
 """Writes RESULTS.md's measured tables from the runs of scripts/results.sh.
 
-    python scripts/results_tables.py --runs=runs/results --results=RESULTS.md
+    python scripts/results_tables.py --runs=runs/results --docs=docs/results --results=RESULTS.md
 
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in
 RESULTS.md and is replaced whole; text outside the markers is left alone. A
 run that has not finished shows as "not run". Numbers come only from each
-run's eval.json (test accuracy) and history (wall time), never from here.
+run's eval.json (test accuracy, wall time) and from the figure steps' JSON
+records in docs/results (Fig. 5, Fig. 6, Tables 1 and 7), never from here.
 """
 
 import argparse
@@ -118,6 +119,118 @@ def reference_table(runs):
     )
 
 
+def read_figure(docs, step, name):
+    """A figure step's JSON record in the docs folder, or None if not run."""
+    path = os.path.join(docs, step, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def not_run(step):
+    return f"Not run yet: `bash scripts/results.sh {step}`."
+
+
+def filters_table(docs):
+    record = read_figure(docs, "compare_filters", "compare_filters.json")
+    if record is None:
+        return not_run("filters")
+    rows = [
+        "| model | low | mid | high | white noise (low / mid / high) | dead filters "
+        "| filter RMS, median (max / median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in record["models"]:
+        bands, noise = model["bands"]["mean_fraction"], model["bands"]["white_noise_mean_fraction"]
+        rms = model["weight_rms"]
+        rows.append(
+            f"| {model['label']} | {bands['low']:.2f} | {bands['mid']:.2f} | {bands['high']:.2f} "
+            f"| {noise['low']:.2f} / {noise['mid']:.2f} / {noise['high']:.2f} "
+            f"| {model['dead']['count']} of {model['conv1']['filters']} "
+            f"| {rms['median']:.3f} ({rms['max_over_median']:.2f}) |"
+        )
+    return "\n".join(rows)
+
+
+def correspondence_table(docs):
+    record = read_figure(docs, "correspondence", "correspondence.json")
+    if record is None:
+        return not_run("correspondence")
+    names = record["layers"]
+    rows = [
+        f"| part | layer 5 ({names['layer5']}) | random | layer 7 ({names['layer7']}) | random |",
+        "|---|---|---|---|---|",
+    ]
+    for part in record["parts"]:
+        cells = []
+        for layer in ("layer5", "layer7"):
+            own, random = part[layer], part["random"][layer]
+            cells += [
+                f"{own['mean']:.3f} ± {own['std']:.3f}",
+                f"{random['mean']:.3f} ± {random['std']:.3f}",
+            ]
+        rows.append(f"| {part['part'].replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def probe_table(docs):
+    record = read_figure(docs, "probe", "probe.json")
+    if record is None:
+        return not_run("probe")
+    layers = record["layers"]
+    return "\n".join(
+        [
+            "| layer | " + " | ".join(layer["name"] for layer in layers) + " |",
+            "|---|" + "---|" * len(layers),
+            "| test accuracy (%) | "
+            + " | ".join(f"{100 * layer['accuracy']:.1f}" for layer in layers)
+            + " |",
+        ]
+    )
+
+
+def invariance_table(docs):
+    """Per transform: how far the first step moves layers 1 and 7, and the class kept."""
+    record = read_figure(docs, "invariance", "invariance.json")
+    if record is None:
+        return not_run("invariance")
+    labels = record["labels"]
+    identity = {"translation": 0.0, "scale": 1.0, "rotation": 0.0}
+    rows = [
+        "| transform | first step | layer 1: distance at the first step / largest "
+        "| layer 7: the same | sweep classified correctly |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in ("translation", "scale", "rotation"):
+        sweep = record["sweeps"].get(kind)
+        if sweep is None:
+            continue
+        values = sweep["parameters"]
+        centre = min(range(len(values)), key=lambda i: abs(values[i] - identity[kind]))
+        steps = [i for i in (centre - 1, centre + 1) if 0 <= i < len(values)]
+        shares = []
+        for layer in ("layer1", "layer7"):
+            ratios = [
+                row[i] / max(row)
+                for row in sweep[f"{layer}_distance"]
+                if max(row) > 0
+                for i in steps
+            ]
+            shares.append(f"{100 * statistics.mean(ratios):.0f} %")
+        predicted = sweep["predicted_class"]
+        right = sum(p == label for row, label in zip(predicted, labels) for p in row)
+        total = sum(len(row) for row in predicted)
+        if kind == "scale":
+            step = f"{values[steps[-1]]:g}x"
+        else:
+            step = f"{abs(values[steps[-1]] - values[centre]):g} {record['units'][kind]}"
+        rows.append(
+            f"| {kind} | {step} | {shares[0]} | {shares[1]} | {100 * right / total:.0f} % |"
+        )
+    return "\n".join(rows)
+
+
 def replace_table(text, name, table):
     pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.DOTALL)
     if not pattern.search(text):
@@ -129,12 +242,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/results")
     parser.add_argument("--results", default="RESULTS.md")
+    parser.add_argument("--docs", default="docs/results", help="the figure steps' output")
     args = parser.parse_args()
     with open(args.results, encoding="utf-8") as f:
         text = f.read()
     text = replace_table(text, "reference", reference_table(args.runs))
     text = replace_table(text, "accuracy", accuracy_table(args.runs))
     text = replace_table(text, "ablations", ablation_table(args.runs))
+    for name, table in (
+        ("invariance", invariance_table),
+        ("filters", filters_table),
+        ("correspondence", correspondence_table),
+        ("probe", probe_table),
+    ):
+        text = replace_table(text, name, table(args.docs))
     fileio.write_text(args.results, text)
     print(f"results_tables: updated {args.results}")
 
