@@ -112,7 +112,7 @@ def read_parts(path):
         raise Error(f"{path}: unreadable parts file ({e})") from None
     if not isinstance(content, dict) or not content:
         raise Error(f"{path}: a parts file is a JSON object {{image: {{part: [x0, y0, x1, y1]}}}}")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(path)  # images named beside it, as the user gave the path
     entries = []
     for image, parts in content.items():
         if not isinstance(parts, dict) or not parts:
