@@ -396,11 +396,17 @@ def compiled_training_model(config, keras_sgd=False):
 
     `keras_sgd` swaps zfkeras' fused-momentum SGD for Keras' own (to measure it).
     """
+    from zfkeras import train
+
+    return compile_like(train.build_model(config, TRAINING_CLASSES, 3), config, keras_sgd)
+
+
+def compile_like(model, config, keras_sgd=False):
+    """Compiles `model` as `compiled_training_model` does; returns it."""
     import keras
 
-    from zfkeras import optimizers, train
+    from zfkeras import optimizers
 
-    model = train.build_model(config, TRAINING_CLASSES, 3)
     sgd = keras.optimizers.SGD if keras_sgd else optimizers.SGD
     model.compile(
         optimizer=sgd(learning_rate=config.learning_rate, momentum=0.9),

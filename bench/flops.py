@@ -23,8 +23,10 @@ from absl import app, flags
 def _weighted(model):
     import keras
 
+    from zfkeras import layers
+
     return [
-        layer for layer in model.layers if type(layer) in (keras.layers.Conv2D, keras.layers.Dense)
+        layer for layer in model.layers if type(layer) in (*layers.CONV_TYPES, keras.layers.Dense)
     ]
 
 

@@ -69,6 +69,8 @@ def main(argv):
     tf = quiet.import_tensorflow()
     import keras
 
+    from zfkeras import layers as zlayers
+
     model = common.compiled_training_model(common.training_config(batch, size, width, fc_units))
     rng = np.random.default_rng(0)
     functions, flop_counts = {}, {}
@@ -96,14 +98,12 @@ def main(argv):
         forward_fn, both_fn = tf.function(_first(forward)), tf.function(_first(both))
         functions[f"{layer.name} forward"] = lambda f=forward_fn: _numpy(f())
         functions[f"{layer.name} both"] = lambda f=both_fn: _numpy(f())
-        if type(layer) in (keras.layers.Conv2D, keras.layers.Dense):
+        if type(layer) in (*zlayers.CONV_TYPES, keras.layers.Dense):
             flop_counts[layer.name] = flops.layer_flops(layer) * batch
             first = False
 
     # What this project replaced, for before/after rows outside the sum:
     # TensorFlow's LRN op (and its gradient, LRNGrad) and Keras' SGD.
-    from zfkeras import layers as zlayers
-
     before = {}
     for layer in model.layers:
         if isinstance(layer, zlayers.ContrastNorm):

@@ -86,7 +86,7 @@ def check_model(model, where):
         raise Error(f"{where}: model input must be (size, size, 1 or 3), not {shape}")
     conv_layers = tuple(n for n in CONV_NAMES if n in names)
     for name in conv_layers:
-        if type(names[name]) is not keras.layers.Conv2D:
+        if type(names[name]) not in zlayers.CONV_TYPES:
             raise Error(f"{where}: layer {name!r} is not a Conv2D ({expected})")
     last = model.layers.index(names[conv_layers[-1]])
     for layer in model.layers[: last + 2]:

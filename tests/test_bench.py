@@ -85,6 +85,12 @@ def test_train_bench_smoke(image_folder):
     assert float(rows["pipeline b4"][3]) > 0  # x bare step
 
 
+def test_towers_bench_smoke():
+    rows = table_rows(run_bench("towers_bench", "--smoke"))
+    assert set(rows) >= {"one tower", "two towers", "two towers, tf grouped"}
+    assert rows["one tower"][2] == "1.00"  # its own time ratio
+
+
 def test_layer_profile_smoke():
     rows = table_rows(run_bench("layer_profile", "--smoke"))
     assert "conv1" in rows and "sgd update" in rows

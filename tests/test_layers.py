@@ -303,3 +303,43 @@ def test_tied_transpose_rejects_bad_forward_layers():
     dilated.build((None, 9, 9, 1))
     with pytest.raises(ValueError, match="dilated"):
         zlayers.TiedConv2DTranspose(dilated, (9, 9))
+
+
+# ---------------------------------------------------------------------------
+# GroupedConv2D.
+
+
+@pytest.mark.parametrize(
+    "groups,strides,padding", [(2, 1, "same"), (4, 2, "valid"), (1, 1, "same")]
+)
+def test_grouped_conv_equals_keras_grouped_conv(groups, strides, padding):
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 9, 9, 8)), tf.float32)
+    args = dict(filters=12, kernel_size=3, strides=strides, padding=padding, groups=groups)
+    ours, keras_conv = zlayers.GroupedConv2D(**args), keras.layers.Conv2D(**args)
+    ours.build(x.shape)
+    keras_conv.build(x.shape)
+    keras_conv.set_weights(ours.get_weights())
+    assert ours.kernel.shape == keras_conv.kernel.shape == (3, 3, 8 // groups, 12)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_ours, y_keras = ours(x), keras_conv(x)
+        loss_ours = tf.reduce_sum(y_ours * tf.sin(y_ours))
+        loss_keras = tf.reduce_sum(y_keras * tf.sin(y_keras))
+    np.testing.assert_allclose(y_ours, y_keras, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        tape.gradient(loss_ours, [x, ours.kernel, ours.bias]),
+        tape.gradient(loss_keras, [x, keras_conv.kernel, keras_conv.bias]),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_round_trips_in_a_saved_model(tmp_path):
+    inputs = keras.Input((8, 8, 4))
+    outputs = zlayers.GroupedConv2D(6, 3, groups=2, name="conv2")(inputs)
+    model = keras.Model(inputs, outputs)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.get_layer("conv2")) is zlayers.GroupedConv2D
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)

@@ -240,7 +240,7 @@ def _kind(layer, is_last):
         if layer.data_format != "channels_last":
             raise Error(f"layer {what}: only channels_last is supported")
         return _PAD, False, False
-    if isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D:
+    if type(layer) in zlayers.CONV_TYPES:
         activation = _activation_name(layer)
         if activation not in ("linear", "relu"):
             raise Error(f"layer {what}: activation {activation!r} is not supported (linear, relu)")

@@ -109,7 +109,10 @@ class Builder:
                 f"{self.model_name}: the input is too small for conv{index} "
                 f"({self.x.shape[1]}x{self.x.shape[2]} < {kernel_size}x{kernel_size})."
             )
-        self.x = keras.layers.Conv2D(
+        # Grouped (two-tower) layers split by group: TensorFlow's grouped kernel
+        # trains several times slower on CPU (zfkeras.layers.GroupedConv2D).
+        layer = zlayers.GroupedConv2D if groups > 1 else keras.layers.Conv2D
+        self.x = layer(
             filters,
             kernel_size,
             strides=strides,
