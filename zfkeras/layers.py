@@ -10,7 +10,7 @@
   variable of a forward `Conv2D`.
 - `GroupedConv2D`: a `Conv2D` whose groups run as separate convolutions
   (the two-tower AlexNet's conv2, conv4, conv5): same weights and results,
-  4-5x faster to train on CPU than TensorFlow's grouped kernel.
+  5x faster to train on CPU than TensorFlow's grouped kernel.
 
 Importing this module also registers `zfkeras.optimizers.SGD`, the
 optimizer saved in the compile settings of tools/train.py's models, so that
@@ -418,8 +418,8 @@ class GroupedConv2D(keras.layers.Conv2D):
     are Conv2D's; only the computation differs: the input and the kernel are
     split by group, convolved separately and concatenated, as the two GPUs of
     Krizhevsky et al. did. TensorFlow's own grouped convolution has no fast
-    CPU gradient: a training step of the two-tower AlexNet took 4.6x the
-    one-tower's with it, 1.2x this way (BENCHMARKS.md, section 2).
+    CPU gradient: a training step of the two-tower AlexNet took 3.5-4.3x the
+    one-tower's with it, 0.72-0.74x this way (BENCHMARKS.md, section 2).
     """
 
     def convolution_op(self, inputs, kernel):
