@@ -419,6 +419,20 @@ def compile_like(model, config, keras_sgd=False):
     return model
 
 
+def train_step(model, batch, size):
+    """A callable running one compiled training step on a fixed random batch; returns `batch`."""
+    import tensorflow as tf
+
+    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
+    labels = tf.random.stateless_uniform([batch], [0, 0], maxval=TRAINING_CLASSES, dtype=tf.int64)
+
+    def step():
+        model.train_on_batch(images, labels)
+        return batch
+
+    return step
+
+
 # ---------------------------------------------------------------------------
 # Reporting.
 

@@ -54,8 +54,6 @@ def keras_grouped(model):
 def step_worker(architecture, tf_grouped, batch, size, width, fc_units):
     import dataclasses
 
-    import tensorflow as tf
-
     from zfkeras import layers, train
 
     config = common.training_config(batch, size, width, fc_units)
@@ -65,16 +63,7 @@ def step_worker(architecture, tf_grouped, batch, size, width, fc_units):
     grouped = sum(type(layer) is layers.GroupedConv2D for layer in model.layers)
     if architecture == "alexnet2" and grouped != (0 if tf_grouped else 3):
         raise RuntimeError(f"{architecture}: {grouped} GroupedConv2D layers")
-    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
-    labels = tf.random.stateless_uniform(
-        [batch], [0, 0], maxval=common.TRAINING_CLASSES, dtype=tf.int64
-    )
-
-    def step():
-        model.train_on_batch(images, labels)
-        return batch
-
-    return {NAMES[(architecture, tf_grouped)]: step}
+    return {NAMES[(architecture, tf_grouped)]: common.train_step(model, batch, size)}
 
 
 def main(argv):

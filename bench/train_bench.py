@@ -52,20 +52,10 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one repetition, inline (
 
 
 def bare_worker(batch, size, width, fc_units, keras_sgd=False):
-    import tensorflow as tf
-
     config = common.training_config(batch, size, width, fc_units)
     model = common.compiled_training_model(config, keras_sgd=keras_sgd)
-    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
-    labels = tf.random.stateless_uniform(
-        [batch], [0, 0], maxval=common.TRAINING_CLASSES, dtype=tf.int64
-    )
-
-    def step():
-        model.train_on_batch(images, labels)
-        return batch
-
-    return {f"{'keras sgd' if keras_sgd else 'bare'} b{batch}": step}
+    name = f"{'keras sgd' if keras_sgd else 'bare'} b{batch}"
+    return {name: common.train_step(model, batch, size)}
 
 
 def _training_stream(config):
