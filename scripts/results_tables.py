@@ -45,12 +45,16 @@ ABLATIONS = (
 )
 
 
-def read_eval(runs, name):
-    path = os.path.join(runs, name, "eval.json")
+def read_json(path):
+    """A JSON record, or None if the step that writes it has not run."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def read_eval(runs, name):
+    return read_json(os.path.join(runs, name, "eval.json"))
 
 
 def accuracies(result):
@@ -121,11 +125,7 @@ def reference_table(runs):
 
 def read_figure(docs, step, name):
     """A figure step's JSON record in the docs folder, or None if not run."""
-    path = os.path.join(docs, step, name)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(docs, step, name))
 
 
 def not_run(step):

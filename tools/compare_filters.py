@@ -78,16 +78,14 @@ def main(argv):
     )
     out = architecture.compare_models(config, common.progress)
     for model in out["record"]["models"]:
-        bands = model["bands"]["mean_fraction"]
+        bands, noise = model["bands"]["mean_fraction"], model["bands"]["white_noise_mean_fraction"]
         conv1 = model["conv1"]
         print(
             f"{model['label']}: conv1 {conv1['kernel_size'][0]}x{conv1['kernel_size'][1]}"
             f"/{conv1['strides'][0]}; dead {model['dead']['count']}/{conv1['filters']}, "
             f"near-dead {model['near_dead']['count']}; energy low {bands['low']:.2f}, "
             f"mid {bands['mid']:.2f}, high {bands['high']:.2f} (white-noise filters of this "
-            "size: {low:.2f}, {mid:.2f}, {high:.2f})".format(
-                **model["bands"]["white_noise_mean_fraction"]
-            )
+            f"size: {noise['low']:.2f}, {noise['mid']:.2f}, {noise['high']:.2f})"
         )
     print("written: " + ", ".join(out["paths"].values()))
 

@@ -515,15 +515,24 @@ def class_summary(top_k, labels, seed=0):
     for layer in top_k.layers:
         index = top_k.image_index[layer]
         firing = (top_k.values[layer][:, 0] > 0) & (index >= 0).all(axis=1)
-        row = {"maps": int(len(index)), "silent_maps": int((~firing).sum())}
-        for key, source in (("majority_share", labels), ("shuffled_majority_share", shuffled)):
-            winners = source[index[firing]]
-            shares = [np.bincount(w[w >= 0]).max() / len(w) for w in winners if (w >= 0).any()]
-            row[key] = float(np.mean(shares)) if shares else None
-            if key == "majority_share":
-                row["one_class_maps"] = float(np.mean(np.equal(shares, 1.0))) if shares else None
-        summary[layer] = row
+        shares = _majority_shares(labels[index[firing]])
+        summary[layer] = {
+            "maps": int(len(index)),
+            "silent_maps": int((~firing).sum()),
+            "majority_share": _mean_or_none(shares),
+            "one_class_maps": float(np.mean(np.equal(shares, 1.0))) if shares else None,
+            "shuffled_majority_share": _mean_or_none(_majority_shares(shuffled[index[firing]])),
+        }
     return summary
+
+
+def _majority_shares(winner_labels):
+    """Per map (row), the share of its known labels held by the commonest one."""
+    return [np.bincount(w[w >= 0]).max() / len(w) for w in winner_labels if (w >= 0).any()]
+
+
+def _mean_or_none(values):
+    return float(np.mean(values)) if values else None
 
 
 @dataclasses.dataclass(frozen=True)
