@@ -14,6 +14,8 @@ times batches of float32 model inputs (already preprocessed):
   `model(x)`.
 - `savedmodel bB`: `tf.saved_model.load` and its `classify_inputs`
   signature (input check, softmax, top-5 classes and names).
+- `savedmodel xla bB`: the same, exported with `savedmodel_xla` (the contrast
+  normalisation compiled by XLA, as Keras runs it, instead of the LRN op).
 - `litert float32 bB`, `litert int8 bB`: `ai_edge_litert` interpreters (one
   per batch size, 2 threads, XNNPACK) running `serving_default`; the int8
   inputs are quantized beforehand. These workers do not import TensorFlow.
@@ -72,6 +74,8 @@ def export_all(folder, size, width, fc_units, int8_samples):
         )
     )
     savedmodel.write_savedmodel(serving, os.path.join(folder, "savedmodel"))
+    with serving.xla_normalisation():
+        savedmodel.write_savedmodel(serving, os.path.join(folder, "savedmodel_xla"))
 
     def representative():
         for index in range(int8_samples):
@@ -104,10 +108,11 @@ def keras_worker(folder, size, batch_sizes):
     return works
 
 
-def savedmodel_worker(folder, size, batch_sizes):
+def savedmodel_worker(folder, size, batch_sizes, xla=False):
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(os.path.join(folder, "savedmodel"))
+    name = "savedmodel xla" if xla else "savedmodel"
+    loaded = tf.saved_model.load(os.path.join(folder, name.replace(" ", "_")))
     classify = loaded.signatures["classify_inputs"]
     works = {}
     for batch in batch_sizes:
@@ -117,7 +122,7 @@ def savedmodel_worker(folder, size, batch_sizes):
             classify(inputs=t)["all_probabilities"].numpy()
             return b
 
-        works[f"savedmodel b{batch}"] = run
+        works[f"{name} b{batch}"] = run
     return works
 
 
@@ -176,6 +181,7 @@ def main(argv):
             common.Worker("matmul", common.matmul_worker, {"size": matmul_size}),
             common.Worker("keras", keras_worker, kwargs),
             common.Worker("savedmodel", savedmodel_worker, kwargs),
+            common.Worker("savedmodel xla", savedmodel_worker, dict(kwargs, xla=True)),
         ]
         for variant in ("float32", "int8"):
             workers.append(
@@ -193,7 +199,7 @@ def main(argv):
     rows = [("matmul ceiling", "", f"{ceiling:.1f}", "1.00", "", "")]
     for batch in batch_sizes:
         keras_name = f"keras b{batch}"
-        for prefix in ("keras", "savedmodel", "litert float32", "litert int8"):
+        for prefix in ("keras", "savedmodel", "savedmodel xla", "litert float32", "litert int8"):
             result = session.results[f"{prefix} b{batch}"]
             gflops = forward_flops * result.rate / 1e9
             versus = "" if prefix == "keras" else f"{session.ratio(keras_name, result.name):.2f}"

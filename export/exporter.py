@@ -30,6 +30,7 @@ from absl import logging
 
 from zfkeras import data, fileio
 from zfkeras.errors import Error
+from zfkeras.layers import ContrastNorm
 from zfkeras_export import graph as graph_lib
 from zfkeras_export import litert, savedmodel, verify
 from zfkeras_export import source as source_lib
@@ -65,6 +66,10 @@ class ExportConfig:
         verify_examples: test examples verified (0 = the whole split).
         representative_examples: training examples for int8 calibration.
         batch_size: examples per verification batch.
+        savedmodel_xla: the SavedModel runs the contrast normalisation compiled
+            by XLA (Keras' computation, faster) instead of TensorFlow's LRN
+            op; TF Serving then needs --xla_cpu_compilation_enabled. LiteRT
+            models keep the op.
     """
 
     source: str
@@ -83,11 +88,14 @@ class ExportConfig:
     verify_examples: int = 0
     representative_examples: int = 500
     batch_size: int = 250
+    savedmodel_xla: bool = False
 
     def __post_init__(self):
         unknown = sorted(set(self.formats) - set(FORMATS))
         if unknown or not self.formats:
             raise Error(f"unknown formats {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
+        if self.savedmodel_xla and SAVEDMODEL not in self.formats:
+            raise Error(f"savedmodel_xla needs the {SAVEDMODEL} format in formats")
         if self.version < 0:
             raise Error(f"version must be a positive integer, not {self.version}")
         if self.top_k < 1:
@@ -197,6 +205,7 @@ def _info(config, source, serving_graph, name, version):
         "preprocessing": dataclasses.asdict(source.preprocessing),
         "input_shape": list(source.input_shape),
         "top_k": serving_graph.top_k,
+        "savedmodel_normalisation": "xla" if config.savedmodel_xla else "lrn_op",
         "notes": list(source.notes),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -241,7 +250,16 @@ def export(config):
         if SAVEDMODEL in destinations:
             t = time.monotonic()
             staging[SAVEDMODEL] = fileio.temp_dir_like(destinations[SAVEDMODEL])
-            savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
+            if config.savedmodel_xla:
+                with serving_graph.xla_normalisation():
+                    savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
+                if any(isinstance(layer, ContrastNorm) for layer in source.model.layers):
+                    summary["notes"].append(
+                        "the SavedModel's contrast normalisation is XLA-compiled: start TF "
+                        "Serving with --xla_cpu_compilation_enabled"
+                    )
+            else:
+                savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
             timings["savedmodel_write_s"] = time.monotonic() - t
             t = time.monotonic()
             summary["parity"] = verify.check_savedmodel(

@@ -22,6 +22,8 @@ The switches and the unpooling are rebuilt here, not taken from
 TFLite; tests check both against the library.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -233,7 +235,7 @@ class ServingGraph:
     """The serving computations of one exported model.
 
     Switches the model's ContrastNorm layers to TensorFlow's LRN op
-    (`zfkeras.layers.use_lrn_op`) for good.
+    (`zfkeras.layers.use_lrn_op`) for good, except inside `xla_normalisation`.
 
     Args:
         source: a `zfkeras_export.source.Source`.
@@ -253,6 +255,20 @@ class ServingGraph:
         self._class_names = np.array(source.class_names, dtype=object)
         self.deconvnet = zdeconv.Deconvnet(self.model)
         self._chains = {name: self._chain(name) for name in source.conv_layers}
+
+    @contextlib.contextmanager
+    def xla_normalisation(self):
+        """Inside: graphs traced from here run the XLA normalisation, not the LRN op.
+
+        Keras' own computation (`zfkeras.layers.contrast_norm`), 3x faster for
+        norm1 on CPU, for a SavedModel served from TensorFlow with XLA (TF
+        Serving needs --xla_cpu_compilation_enabled; TFLite cannot run it).
+        """
+        zlayers.use_lrn_op(self.model, False)
+        try:
+            yield
+        finally:
+            zlayers.use_lrn_op(self.model, True)
 
     @property
     def input_shape(self):

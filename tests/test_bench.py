@@ -56,7 +56,13 @@ def test_deconv_bench_smoke():
 
 def test_inference_bench_smoke():
     rows = table_rows(run_bench("inference_bench", "--smoke"))
-    for name in ("keras b2", "savedmodel b2", "litert float32 b2", "litert int8 b1"):
+    for name in (
+        "keras b2",
+        "savedmodel b2",
+        "savedmodel xla b2",
+        "litert float32 b2",
+        "litert int8 b1",
+    ):
         assert float(rows[name][0]) > 0  # images/s
 
 

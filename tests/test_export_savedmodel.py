@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 from conftest import run_tool
 from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
 
 from zfkeras import data, deconv, fileio, images, runs
 from zfkeras.errors import Error
@@ -459,3 +460,44 @@ def test_foreign_models_and_runs_without_mean_are_refused(exported, tmp_path):
         exporter.export(exporter.ExportConfig(source=str(run_dir), **config))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "serving").exists()
+
+
+def _saved_ops(path):
+    """(op types in the SavedModel's graph and functions, whether a function is XLA-compiled)."""
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    graph = proto.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node}
+    compiled = False
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+        compiled |= function.attr["_XlaMustCompile"].b
+    return ops, compiled
+
+
+def test_savedmodel_xla_runs_the_xla_normalisation_and_matches_keras(exported, tmp_path):
+    ops, compiled = _saved_ops(exported["path"])
+    assert "LRN" in ops and not compiled  # the default: TensorFlow's op, no XLA
+    assert exported["record"]["savedmodel_normalisation"] == "lrn_op"
+    config = exporter.ExportConfig(
+        source=exported["config"].source,
+        base_dir=str(tmp_path),
+        model_name="fast",
+        formats=("savedmodel",),
+        top_k=2,
+        savedmodel_xla=True,
+    )
+    summary = exporter.export(config)
+    path = summary["paths"]["savedmodel"]
+    ops, compiled = _saved_ops(path)
+    assert "LRN" not in ops and compiled
+    with open(os.path.join(path, savedmodel.INFO_FILE)) as f:
+        record = json.load(f)
+    assert record["savedmodel_normalisation"] == "xla"
+    # Checked like the default export: fresh-process parity and the test split.
+    assert max(v for k, v in record["parity"].items() if k.endswith("_max_abs_diff")) <= 1e-5
+    assert record["verification"]["savedmodel"]["max_abs_diff"] <= 1e-5
+    assert any("--xla_cpu_compilation_enabled" in note for note in summary["notes"])
+    with pytest.raises(Error, match="savedmodel_xla needs the savedmodel format"):
+        exporter.ExportConfig(source="x", base_dir="y", formats=("int8",), savedmodel_xla=True)

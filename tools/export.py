@@ -36,6 +36,12 @@ _REPRESENTATIVE = flags.DEFINE_integer(
     "representative_examples", 500, "Training examples for int8 calibration.", 1
 )
 _BATCH = flags.DEFINE_integer("batch_size", 250, "Examples per verification batch.", 1)
+_SAVEDMODEL_XLA = flags.DEFINE_bool(
+    "savedmodel_xla",
+    False,
+    "SavedModel: XLA contrast normalisation (faster; TF Serving needs "
+    "--xla_cpu_compilation_enabled). LiteRT keeps the LRN op.",
+)
 
 flags.mark_flags_as_required(["source", "base_dir"])
 flags.register_validator(
@@ -118,6 +124,7 @@ def main(argv):
         verify_examples=_VERIFY.value,
         representative_examples=_REPRESENTATIVE.value,
         batch_size=_BATCH.value,
+        savedmodel_xla=_SAVEDMODEL_XLA.value,
     )
     _print_summary(exporter.export(config))
 

@@ -270,11 +270,14 @@ class ContrastNorm(keras.layers.Layer):
         return config
 
 
-def use_lrn_op(model):
-    """Makes every ContrastNorm of `model` run TensorFlow's LRN op (for export)."""
+def use_lrn_op(model, on=True):
+    """Makes every ContrastNorm of `model` run TensorFlow's LRN op (for export).
+
+    With `on=False`, back to the XLA normalisation. Affects later traces only.
+    """
     for layer in model.layers:
         if isinstance(layer, ContrastNorm):
-            layer.lrn_op = True
+            layer.lrn_op = bool(on)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
