@@ -18,6 +18,7 @@ Steps:
    replaced without `overwrite`.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -250,16 +251,14 @@ def export(config):
         if SAVEDMODEL in destinations:
             t = time.monotonic()
             staging[SAVEDMODEL] = fileio.temp_dir_like(destinations[SAVEDMODEL])
-            if config.savedmodel_xla:
-                with serving_graph.xla_normalisation():
-                    savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
-                if any(isinstance(layer, ContrastNorm) for layer in source.model.layers):
-                    summary["notes"].append(
-                        "the SavedModel's contrast normalisation is XLA-compiled: start TF "
-                        "Serving with --xla_cpu_compilation_enabled"
-                    )
-            else:
+            xla = config.savedmodel_xla
+            with serving_graph.xla_normalisation() if xla else contextlib.nullcontext():
                 savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
+            if xla and any(isinstance(layer, ContrastNorm) for layer in source.model.layers):
+                summary["notes"].append(
+                    "the SavedModel's contrast normalisation is XLA-compiled: start TF "
+                    "Serving with --xla_cpu_compilation_enabled"
+                )
             timings["savedmodel_write_s"] = time.monotonic() - t
             t = time.monotonic()
             summary["parity"] = verify.check_savedmodel(
