@@ -93,16 +93,19 @@ def accuracy_table(runs, seeds=(0, 1, 2)):
 def ablation_table(runs):
     rows = [
         "| model (seed 0) | test accuracy, 1 crop (%) | 10 crops (%) | error, 10 crops (%) "
-        "| paper: val top-1 error (%) |",
-        "|---|---|---|---|---|",
+        "| minutes | paper: val top-1 error (%) |",
+        "|---|---|---|---|---|---|",
     ]
     for key, label, paper in ABLATIONS:
         result = read_eval(runs, f"{key}_s0")
         if result is None:
-            rows.append(f"| {label} | not run | | | {paper} |")
+            rows.append(f"| {label} | not run | | | | {paper} |")
             continue
         one, ten = accuracies(result)
-        rows.append(f"| {label} | {one:.2f} | {ten:.2f} | {100 - ten:.2f} | {paper} |")
+        minutes = result["wall_time_s"] / 60
+        rows.append(
+            f"| {label} | {one:.2f} | {ten:.2f} | {100 - ten:.2f} | {minutes:.0f} | {paper} |"
+        )
     return "\n".join(rows)
 
 

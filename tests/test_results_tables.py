@@ -119,7 +119,7 @@ def test_tables_are_computed_from_the_runs(tmp_path):
     assert "| ZFNet | 0,1 | 91.00 ± 1.41 | 92.00 ± 1.41 | 8.00 ± 1.41 | 12 |" in out
     assert "| AlexNet, one tower | 0 | 88.50 | 89.25 | 10.75 | 12 |" in out
     assert "| AlexNet, two towers | not run |" in out
-    assert "| ZFNet without fc7 | 87.00 | 87.50 | 12.50 |" in out
+    assert "| ZFNet without fc7 | 87.00 | 87.50 | 12.50 | 12 |" in out
     assert "| `fashion_mnist_reference.cfg` | 2 | 93.10 | 93.40 | 70 |" in out
 
 
