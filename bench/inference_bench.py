@@ -52,9 +52,10 @@ def _inputs(batch, size, seed=0):
 
 def export_all(folder, size, width, fc_units, int8_samples):
     """Builds the model and writes model.keras, savedmodel/ and the .tflite files."""
-    from zfkeras import data, fileio, models, quiet
+    from zfkeras import quiet
 
     quiet.import_tensorflow()
+    from zfkeras import data, fileio, models
     from zfkeras_export import graph, litert, savedmodel, source
 
     model = models.ZFNet(
@@ -129,6 +130,8 @@ def savedmodel_worker(folder, size, batch_sizes, xla=False):
 def litert_worker(folder, size, batch_sizes, variant):
     from ai_edge_litert.interpreter import Interpreter
 
+    from zfkeras import quiet  # no TensorFlow import
+
     path = os.path.join(folder, f"model_{variant}.tflite")
     works = {}
     for batch in batch_sizes:
@@ -139,6 +142,8 @@ def litert_worker(folder, size, batch_sizes, variant):
         scale, zero = detail["quantization"]
         if np.issubdtype(detail["dtype"], np.integer):
             inputs = np.clip(np.round(inputs / scale + zero), -128, 127).astype(detail["dtype"])
+        with quiet.stderr_silenced():  # the first call prints XNNPACK's "Created delegate"
+            runner(inputs=inputs)
 
         def run(r=runner, x=inputs, b=batch):
             r(inputs=x)
@@ -157,9 +162,11 @@ def main(argv):
     if _SMOKE.value:
         size, width, fc_units, repeats, min_block, inline = 48, 0.125, 16, 1, 0.0, True
         batch_sizes, matmul_size, samples = [1, 2], 256, 2
-    from zfkeras import models, quiet
+    from zfkeras import quiet
 
     quiet.import_tensorflow()
+    from zfkeras import models
+
     model = models.ZFNet(_NUM_CLASSES, (size, size, 3), width=width, fc_units=fc_units)
     forward_flops = sum(f for _, f in flops.forward_flops(model))
     print(
