@@ -112,8 +112,8 @@ def keras_worker(folder, size, batch_sizes):
 def savedmodel_worker(folder, size, batch_sizes, xla=False):
     import tensorflow as tf
 
-    name = "savedmodel xla" if xla else "savedmodel"
-    loaded = tf.saved_model.load(os.path.join(folder, name.replace(" ", "_")))
+    name, subfolder = ("savedmodel xla", "savedmodel_xla") if xla else ("savedmodel", "savedmodel")
+    loaded = tf.saved_model.load(os.path.join(folder, subfolder))
     classify = loaded.signatures["classify_inputs"]
     works = {}
     for batch in batch_sizes:

@@ -527,7 +527,7 @@ def class_summary(top_k, labels, seed=0):
 
 
 def _majority_shares(winner_labels):
-    """Per map (row), the share of its known labels held by the commonest one."""
+    """Per map (row) with a known label: the commonest known label's share of all its winners."""
     return [np.bincount(w[w >= 0]).max() / len(w) for w in winner_labels if (w >= 0).any()]
 
 
