@@ -69,12 +69,16 @@ class Worker:
             name: Work or callable}; it builds models, data, etc.
         kwargs: its keyword arguments.
         imports: modules imported before the memory baseline is read.
+        env: environment variables set in the worker before its imports (for
+            settings TensorFlow reads once, such as TF_ENABLE_ONEDNN_OPTS);
+            only for worker processes, not inline sessions.
     """
 
     name: str
     factory: object
     kwargs: dict = dataclasses.field(default_factory=dict)
     imports: tuple = ("tensorflow",)
+    env: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -179,9 +183,10 @@ def _import(modules):
             __import__(module)
 
 
-def _serve(factory, kwargs, imports, min_block_s, conn):
+def _serve(factory, kwargs, imports, env, min_block_s, conn):
     """The worker process: set up, then time blocks on request."""
     try:
+        os.environ.update(env)
         _import(imports)
         baseline = rss_mb()
         works, calls = _prepare(factory, kwargs, min_block_s)
@@ -205,7 +210,7 @@ class _Remote:
         self.conn, child = context.Pipe()
         self.process = context.Process(
             target=_serve,
-            args=(worker.factory, worker.kwargs, worker.imports, min_block_s, child),
+            args=(worker.factory, worker.kwargs, worker.imports, worker.env, min_block_s, child),
             daemon=True,
         )
         self.process.start()
@@ -241,6 +246,8 @@ class _Remote:
 
 class _Local:
     def __init__(self, worker, min_block_s):
+        if worker.env:
+            raise ValueError(f"worker {worker.name!r} sets environment variables: not inline")
         self.name = worker.name
         _import(worker.imports)
         self.works, self.calls = _prepare(worker.factory, worker.kwargs, min_block_s)
@@ -361,9 +368,9 @@ def matmul_worker(size=MATMUL_SIZE):
     return {"matmul": run}
 
 
-def ceiling_gflops(session, size=MATMUL_SIZE):
-    """The matmul rate of a session, GFLOP/s."""
-    return matmul_flops(size) / session.results["matmul"].median_s / 1e9
+def ceiling_gflops(session, size=MATMUL_SIZE, name="matmul"):
+    """The rate of a session's matmul measurement `name`, GFLOP/s."""
+    return matmul_flops(size) / session.results[name].median_s / 1e9
 
 
 # ---------------------------------------------------------------------------

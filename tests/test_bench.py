@@ -97,6 +97,26 @@ def test_towers_bench_smoke():
     assert rows["one tower"][2] == "1.00"  # its own time ratio
 
 
+def test_onednn_bench_smoke():
+    # Its workers run in their own processes and raise if TF_ENABLE_ONEDNN_OPTS
+    # did not take, so this also checks that each setting reached TensorFlow.
+    rows = table_rows(run_bench("onednn_bench", "--smoke"))
+    for name in ("matmul", "forward b2", "train b2"):
+        assert float(rows[name][0]) > 0 and float(rows[name][1]) > 0  # off, on
+        assert float(rows[name][2]) > 0  # speed-up
+
+
+def test_worker_env_is_refused_inline(monkeypatch):
+    # Inline, TensorFlow is already imported: an environment setting could not take.
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.delitem(sys.modules, "common", raising=False)
+    import common
+
+    worker = common.Worker("w", dict, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    with pytest.raises(ValueError, match="not inline"):
+        common.run_session([worker], repeats=1, inline=True)
+
+
 def test_layer_profile_smoke():
     rows = table_rows(run_bench("layer_profile", "--smoke"))
     assert "conv1" in rows and "sgd update" in rows
