@@ -1,6 +1,6 @@
 """TensorFlow's oneDNN kernels against its Eigen kernels, on this CPU.
 
-    python bench/onednn_bench.py            # ZFNet 224x224, batch 32 (~4 min)
+    python bench/onednn_bench.py            # ZFNet 224x224, batch 32 (~3 min)
     python bench/onednn_bench.py --smoke    # a tiny model, seconds (used by the tests)
 
 TensorFlow turns its oneDNN kernels on by itself only on x86 CPUs with
