@@ -55,12 +55,12 @@ def image_batches(count, size, batch):
     """(int64 index, float32 model input) batches of `count` generated images."""
     import tensorflow as tf
 
-    from zfkeras.analysis import topk
+    from zfkeras import data
 
     ds = tf.data.Dataset.range(count).map(
-        lambda index: (index, _image(index, size)), num_parallel_calls=tf.data.AUTOTUNE
+        lambda index: (index, _image(index, size)), num_parallel_calls=data.PARALLEL_CALLS
     )
-    return ds.batch(batch).prefetch(topk.PREFETCH_BATCHES)  # as model_input_batches
+    return data.untuned(ds.batch(batch).prefetch(data.PREFETCH_BATCHES))  # as model_input_batches
 
 
 def _setup(size, width, fc_units, maps):

@@ -321,6 +321,14 @@ def _batches(config, preprocessing, mean, start):
     return [(x.numpy(), y.numpy()) for x, y in stream]
 
 
+def test_train_stream_runs_without_tf_data_autotuning(stream_config):
+    # Its epochs are built inside flat_map, so the source's options do not reach it.
+    config, preprocessing, mean = stream_config
+    steps = train.steps_per_epoch(config)
+    stream = train.train_stream(config, preprocessing, mean, steps, checkpoint.Position())
+    assert stream.options().autotune.enabled is False
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_each_epoch_is_a_pure_function_of_seed_and_epoch(stream_config, cache):
     config, preprocessing, mean = stream_config

@@ -195,3 +195,23 @@ def test_eval_view_and_subtract_mean():
     assert v.shape == (6, 6, 1)
     x = data.subtract_mean(v[None], pre, np.full((8, 8, 1), 30, np.float32))
     np.testing.assert_allclose(x, 70.0)
+
+
+def _autotuned(ds):
+    return ds.options().autotune.enabled is not False
+
+
+def test_pipelines_run_without_tf_data_autotuning(tmp_path, fake_fashion_mnist):
+    # With autotuning on, ending an iterator could wait as long as its pass.
+    idx, _ = data.load(
+        "fashion_mnist", "test", data_dir=str(tmp_path / "tfds"), manual_dir=fake_fashion_mnist
+    )
+    make_folder(str(tmp_path / "images"), per_class=2)
+    folder, _ = data.load(f"folder:{tmp_path / 'images'}", "train")
+    pre = data.Preprocessing(8, 4, 1)
+    built_on = idx.map(lambda image, label: (image, label)).batch(2)
+    own = tf.data.Dataset.from_tensor_slices((np.zeros((3, 8, 8, 1), np.uint8), np.arange(3)))
+    evaluation = data.eval_batches(own, pre, np.zeros((8, 8, 1), np.float32), 2)
+    assert _autotuned(own)  # TensorFlow's default, which the others must not keep
+    assert not any(_autotuned(ds) for ds in (idx, folder, built_on, evaluation))
+    assert len(list(evaluation)) == 2

@@ -124,6 +124,13 @@ def test_fewer_images_than_k_are_marked(setup):
     assert sorted(mined.image_index["conv1"][0, :3]) == [0, 1, 2]
 
 
+def test_model_input_batches_run_without_tf_data_autotuning(setup):
+    raw, _, _, _, mean, _ = setup  # an autotuned dataset of the caller's
+    assert raw.options().autotune.enabled is not False
+    batches = topk.model_input_batches(raw, PRE, mean, 4)
+    assert batches.options().autotune.enabled is False
+
+
 def test_interrupted_pass_resumes_and_complete_state_is_reused(setup, tmp_path):
     raw, _, _, model, mean, _ = setup
     batches = topk.model_input_batches(raw, PRE, mean, 4)  # 11 batches

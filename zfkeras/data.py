@@ -49,7 +49,13 @@ _FASHION_MNIST_FILES = {
 }
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _HOLDOUT_EVERY = 10
-AUTOTUNE = tf.data.AUTOTUNE
+# Every pipeline runs with tf.data's autotuning off (`untuned`): its parallel
+# stages use every core the process may run on and it prefetches a fixed
+# number of batches.
+PARALLEL_CALLS = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+)
+PREFETCH_BATCHES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +218,19 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 # Loading.
 
 
+def untuned(dataset):
+    """`dataset` with tf.data's autotuning off (and every dataset built on it).
+
+    With autotuning on, destroying an iterator after a long pass could wait
+    almost as long again: 8 of 17 passes of about 21 s ended 20 s late, and
+    none of 19 did with autotuning off (BENCHMARKS.md, section 8). The
+    stages use `PARALLEL_CALLS` and `PREFETCH_BATCHES` instead.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def default_data_dir():
     """TFDS's data folder: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
@@ -325,6 +344,9 @@ def load(
 ):
     """Loads one split as a tf.data.Dataset of (uint8 image HxWxC, int64 label).
 
+    The dataset and every dataset built on it run with tf.data's autotuning
+    off (`untuned`).
+
     Args:
         dataset: 'fashion_mnist', 'folder:PATH' or a TFDS name (module doc).
         split: a split name; TFDS slicing allowed for TFDS datasets.
@@ -352,9 +374,9 @@ def load(
         ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int64)))
         if shuffle_files:
             ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.map(lambda p, y: _decode_file(p, y, channels), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda p, y: _decode_file(p, y, channels), num_parallel_calls=PARALLEL_CALLS)
         info = DatasetInfo(dataset, len(classes), tuple(classes), channels)
-        return ds, info
+        return untuned(ds), info
 
     builder = _tfds_builder(dataset, data_dir, manual_dir, download)
     _tfds_split(builder, split)
@@ -373,9 +395,9 @@ def load(
     ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
     ds = ds.map(
         lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)),
-        num_parallel_calls=AUTOTUNE,
+        num_parallel_calls=PARALLEL_CALLS,
     )
-    return ds, info
+    return untuned(ds), info
 
 
 def num_examples(dataset, split, data_dir=None):
@@ -479,7 +501,7 @@ def compute_mean(dataset, preprocessing, batch_size=256):
     size, channels = preprocessing.resize_size, preprocessing.channels
     views = dataset.map(
         lambda image, label: tf.cast(view(image, preprocessing), tf.float64),
-        num_parallel_calls=AUTOTUNE,
+        num_parallel_calls=PARALLEL_CALLS,
     ).batch(batch_size)
     initial = (tf.zeros([size, size, channels], tf.float64), tf.constant(0, tf.int64))
     total, count = views.reduce(
@@ -526,7 +548,7 @@ def eval_batches(dataset, preprocessing, mean, batch_size, crops=1, cache=False)
     crop = preprocessing.crop_size
     mean = tf.constant(mean, tf.float32)
     ds = dataset.map(
-        lambda image, label: (view(image, preprocessing), label), num_parallel_calls=AUTOTUNE
+        lambda image, label: (view(image, preprocessing), label), num_parallel_calls=PARALLEL_CALLS
     )
     if cache:
         ds = ds.cache()
@@ -538,8 +560,8 @@ def eval_batches(dataset, preprocessing, mean, batch_size, crops=1, cache=False)
         image = center_crop(image, crop) if crops == 1 else ten_crop(image, crop)
         return image, label
 
-    ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    ds = ds.map(finish, num_parallel_calls=PARALLEL_CALLS)
+    return untuned(ds.batch(batch_size).prefetch(PREFETCH_BATCHES))
 
 
 def write_examples(dataset, split, count, output_dir, data_dir=None, manual_dir=None):

@@ -544,7 +544,7 @@ def train_stream(config, preprocessing, mean, steps, start, epochs=None):
     def views(raw):
         return raw.map(
             lambda image, label: (data.view(image, preprocessing), label),
-            num_parallel_calls=data.AUTOTUNE,
+            num_parallel_calls=data.PARALLEL_CALLS,
         )
 
     def raw(seed):
@@ -574,7 +574,7 @@ def train_stream(config, preprocessing, mean, steps, start, epochs=None):
             example_seed = tf.stack([tf.constant(seed, tf.int64), index])
             return data.augment(image, mean, preprocessing, example_seed), label
 
-        ds = ds.map(augment, num_parallel_calls=data.AUTOTUNE)
+        ds = ds.map(augment, num_parallel_calls=data.PARALLEL_CALLS)
         return ds.batch(batch, drop_remainder=True)
 
     stream = None
@@ -584,7 +584,7 @@ def train_stream(config, preprocessing, mean, steps, start, epochs=None):
         stream = part if stream is None else stream.concatenate(part)
     if stream is None:
         raise Error(f"nothing to train: the run is at epoch {start.epoch} of {epochs}")
-    return stream.prefetch(data.AUTOTUNE)
+    return data.untuned(stream.prefetch(data.PREFETCH_BATCHES))
 
 
 def _raw_fits_in_view(raw, preprocessing):

@@ -248,7 +248,7 @@ def train_linear(train_x, train_y, test_x, test_y, num_classes, config=LinearCon
         steps_per_execution=min(config.steps, 50),
     )
     batch = min(config.batch_size, len(train_x))
-    ds = (
+    ds = data.untuned(
         tf.data.Dataset.from_tensor_slices((train_x, targets))
         .shuffle(len(train_x), seed=seed, reshuffle_each_iteration=True)
         .repeat()

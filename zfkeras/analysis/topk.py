@@ -42,7 +42,6 @@ from zfkeras import data, deconv, distribute, fileio, runs
 from zfkeras.errors import Error
 
 STATE_FILE = "top9_state.npz"
-PREFETCH_BATCHES = 2
 _STATE_VERSION = 1
 
 
@@ -212,10 +211,10 @@ def model_input_batches(dataset, preprocessing, mean, batch_size, num_images=0):
         view = data.center_crop(data.view(example[0], preprocessing), crop)
         return index, (tf.cast(view, tf.float32) - mean) * scale
 
-    ds = ds.map(prepare, num_parallel_calls=data.AUTOTUNE)
-    # A fixed prefetch: AUTOTUNE may keep growing its buffer on long passes,
-    # and the pass's memory should not depend on the dataset's size.
-    return ds.batch(batch_size).prefetch(PREFETCH_BATCHES)
+    ds = ds.map(prepare, num_parallel_calls=data.PARALLEL_CALLS)
+    # A fixed prefetch (`data.untuned`): the pass's memory should not depend on
+    # the dataset's size.
+    return data.untuned(ds.batch(batch_size).prefetch(data.PREFETCH_BATCHES))
 
 
 # Positions are found as float32 weights, exact below 2^24 positions.
@@ -466,7 +465,7 @@ def fetch_views(dataset, preprocessing, indices, batch_size=64):
                 data.center_crop(data.view(example[0], preprocessing), crop),
                 example[1],
             ),
-            num_parallel_calls=data.AUTOTUNE,
+            num_parallel_calls=data.PARALLEL_CALLS,
         )
         .batch(batch_size)
     )
