@@ -19,6 +19,9 @@ times batches of float32 model inputs (already preprocessed):
 - `litert float32 bB`, `litert int8 bB`: `ai_edge_litert` interpreters (one
   per batch size, 2 threads, XNNPACK) running `serving_default`; the int8
   inputs are quantized beforehand. These workers do not import TensorFlow.
+- `one process: ...`: the Keras model and both SavedModels again, all in
+  one worker, so that their ratio is also measured without what differs
+  between processes (BENCHMARKS.md section 9).
 """
 
 import os
@@ -43,6 +46,7 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one repetition, inline (
 
 _NUM_CLASSES = 1000
 _SCALE = 50.0  # model inputs are pixels minus the mean: roughly N(0, 50)
+_ONE_PROCESS = "one process: "
 
 
 def _inputs(batch, size, seed=0):
@@ -127,6 +131,15 @@ def savedmodel_worker(folder, size, batch_sizes, xla=False):
     return works
 
 
+def one_process_worker(folder, size, batch_sizes):
+    works = {
+        **keras_worker(folder, size, batch_sizes),
+        **savedmodel_worker(folder, size, batch_sizes),
+        **savedmodel_worker(folder, size, batch_sizes, xla=True),
+    }
+    return {f"{_ONE_PROCESS}{name}": run for name, run in works.items()}
+
+
 def litert_worker(folder, size, batch_sizes, variant):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -199,17 +212,21 @@ def main(argv):
                     imports=("ai_edge_litert.interpreter",),
                 )
             )
+        workers.append(common.Worker("one process", one_process_worker, kwargs))
         session = common.run_session(workers, repeats, min_block, inline, common.log_to_stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     ceiling = common.ceiling_gflops(session, matmul_size)
     rows = [("matmul ceiling", "", f"{ceiling:.1f}", "1.00", "", "")]
+    formats = ("keras", "savedmodel", "savedmodel xla", "litert float32", "litert int8")
+    together = tuple(_ONE_PROCESS + name for name in formats[:3])
     for batch in batch_sizes:
-        keras_name = f"keras b{batch}"
-        for prefix in ("keras", "savedmodel", "savedmodel xla", "litert float32", "litert int8"):
+        for prefix in formats + together:
             result = session.results[f"{prefix} b{batch}"]
             gflops = forward_flops * result.rate / 1e9
-            versus = "" if prefix == "keras" else f"{session.ratio(keras_name, result.name):.2f}"
+            keras_name = f"{_ONE_PROCESS if prefix in together else ''}keras b{batch}"
+            versus = session.ratio(keras_name, result.name)
+            versus = "" if result.name == keras_name else f"{versus:.2f}"
             rows.append(
                 (
                     result.name,

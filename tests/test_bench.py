@@ -62,6 +62,9 @@ def test_inference_bench_smoke():
         "savedmodel xla b2",
         "litert float32 b2",
         "litert int8 b1",
+        "one process: keras b2",
+        "one process: savedmodel b1",
+        "one process: savedmodel xla b2",
     ):
         assert float(rows[name][0]) > 0  # images/s
 
