@@ -219,7 +219,10 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 
 
 def untuned(dataset):
-    """`dataset` with tf.data's autotuning off (and every dataset built on it).
+    """`dataset` with tf.data's autotuning off, and every dataset built on it.
+
+    Not a dataset made inside a function (`flat_map`'s, `interleave`'s): the
+    outer dataset needs it too (`train.train_stream`).
 
     With autotuning on, destroying an iterator after a long pass could wait
     almost as long again: 8 of 17 passes of about 21 s ended 20 s late, and
