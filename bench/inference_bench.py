@@ -218,25 +218,25 @@ def main(argv):
         shutil.rmtree(folder, ignore_errors=True)
     ceiling = common.ceiling_gflops(session, matmul_size)
     rows = [("matmul ceiling", "", f"{ceiling:.1f}", "1.00", "", "")]
-    formats = ("keras", "savedmodel", "savedmodel xla", "litert float32", "litert int8")
-    together = tuple(_ONE_PROCESS + name for name in formats[:3])
+    separate = ("keras", "savedmodel", "savedmodel xla", "litert float32", "litert int8")
+    together = tuple(_ONE_PROCESS + name for name in separate[:3])
     for batch in batch_sizes:
-        for prefix in formats + together:
-            result = session.results[f"{prefix} b{batch}"]
-            gflops = forward_flops * result.rate / 1e9
-            keras_name = f"{_ONE_PROCESS if prefix in together else ''}keras b{batch}"
-            versus = session.ratio(keras_name, result.name)
-            versus = "" if result.name == keras_name else f"{versus:.2f}"
-            rows.append(
-                (
-                    result.name,
-                    f"{result.rate:.1f}",
-                    f"{gflops:.1f}",
-                    f"{gflops / ceiling:.2f}",
-                    versus,
-                    f"{result.spread:.0%}",
+        for prefixes in (separate, together):
+            keras_name = f"{prefixes[0]} b{batch}"  # each group's ratios are to its own Keras
+            for prefix in prefixes:
+                result = session.results[f"{prefix} b{batch}"]
+                gflops = forward_flops * result.rate / 1e9
+                versus = "" if result.name == keras_name else session.ratio(keras_name, result.name)
+                rows.append(
+                    (
+                        result.name,
+                        f"{result.rate:.1f}",
+                        f"{gflops:.1f}",
+                        f"{gflops / ceiling:.2f}",
+                        versus and f"{versus:.2f}",
+                        f"{result.spread:.0%}",
+                    )
                 )
-            )
     print(f"median of {repeats} interleaved repetitions; int8 GFLOP/s counts the same FLOPs")
     print(
         common.table(

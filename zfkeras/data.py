@@ -49,9 +49,8 @@ _FASHION_MNIST_FILES = {
 }
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _HOLDOUT_EVERY = 10
-# Every pipeline runs with tf.data's autotuning off (`untuned`): its parallel
-# stages use every core the process may run on and it prefetches a fixed
-# number of batches.
+# With autotuning off (`untuned`): calls at once in a parallel map (the CPUs
+# this process may use), and batches prefetched.
 PARALLEL_CALLS = (
     len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 )
