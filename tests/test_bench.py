@@ -126,6 +126,65 @@ def test_layer_profile_smoke():
     assert float(rows["**train step**"][1]) > 0  # ms
 
 
+def test_step_trace_smoke():
+    out = run_bench("step_trace", "--smoke")
+    rows = table_rows(out)
+    # header: forward, input grad, weight grad, other backward, total (ms), then 3 rates
+    assert "fc6" in rows and "XLA" in rows  # the contrast normalisations
+    for name in ("conv1", "conv2", "conv5"):
+        assert float(rows[name][0]) > 0 and float(rows[name][2]) > 0, name  # forward, dW
+    assert rows["conv1"][1] == "-" and rows["conv1"][6] == "n/a"  # no image gradient
+    assert float(rows["conv2"][1]) > 0  # input gradient
+    assert "relu1" not in rows  # the fused ReLU counts for conv1
+    assert float(rows["SGD update"][4]) > 0 and rows["SGD update"][0] == ""
+    shares = [int(rows[k][0].rstrip("%")) for k in ("no op running", "one op running")]
+    shares.append(int(rows["two or more ops running"][0].rstrip("%")))
+    assert 98 <= sum(shares) <= 102  # rounded shares of one span
+
+
+def test_step_trace_classifies_ops(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import step_trace
+
+    names = {"conv1", "relu1", "conv2", "fc6", "pool1"}
+    producers = {"relu1": "conv1"}
+
+    def kind(op_name, op_type):
+        return step_trace.classify(op_name, op_type, names, producers)
+
+    assert kind("zfnet_1/relu1_1/Relu", "_MklNativeFusedConv2D") == ("conv1", "forward")
+    assert kind("gradient_tape/zfnet_1/relu1_1/ReluGrad", "ReluGrad") == (
+        "conv1",
+        "other backward",
+    )
+    prefix = "gradient_tape/zfnet_1/conv2_1/convolution/"
+    assert kind(prefix + "Conv2DBackpropFilter", "_MklNativeConv2DBackpropFilterWithBias") == (
+        "conv2",
+        "weight gradient",
+    )
+    assert kind(prefix + "Conv2DBackpropInput", "_MklNativeConv2DBackpropInput") == (
+        "conv2",
+        "input gradient",
+    )
+    grad = "gradient_tape/zfnet_1/fc6_1/MatMul/"
+    assert kind(grad + "MatMul", "_MklMatMul") == ("fc6", "input gradient")
+    assert kind(grad + "MatMul_1", "_MklMatMul") == ("fc6", "weight gradient")
+    assert kind("zfnet_1/pool1_1/MaxPool2d", "_MklNativeMaxPool") == ("pool1", "forward")
+    assert kind("sgd/ResourceApplyKerasMomentum_3", "ResourceApplyKerasMomentum")[0] == "SGD update"
+    assert kind("compile_loss/x/SparseSoftmaxCrossEntropyWithLogits", "S")[0] == "loss"
+    assert kind("Cast_6", "Cast") == ("other", None)
+    assert kind("CpuExecutable::ExecuteAsyncOnStream", step_trace.XLA) == ("XLA", None)
+
+
+def test_step_trace_concurrency_counts_overlap(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import step_trace
+
+    # a: 0-10, b: 5-20, gap 20-30, c: 30-40 (picoseconds)
+    events = [("a", "T", 0, 10), ("b", "T", 5, 20), ("c", "T", 30, 40)]
+    assert step_trace.concurrency(events) == {0: 10, 1: 25, 2: 5}
+
+
 def test_worker_processes_report_memory(monkeypatch):
     # The spawned worker unpickles `common.matmul_worker`: bench/ must stay on the path.
     # Spawned workers start a fresh interpreter: give them bench/ through PYTHONPATH too,
