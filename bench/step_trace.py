@@ -24,7 +24,8 @@ TensorFlow's inter-op threads. It prints, per step:
   per-op times add up to more than the wall time where two or more overlap.
 
 The profiler costs a little time itself: compare `step, traced` with
-`step, not traced` (medians of the same number of steps).
+`step, not traced` (medians of the same number of steps; the untraced steps
+alternate with the 4096^3 matmul that gives the ceiling).
 """
 
 import collections
@@ -176,13 +177,18 @@ def main(argv):
 
     model = common.compiled_training_model(common.training_config(batch, size, width, fc_units))
     step = common.train_step(model, batch, size)
+    matmul_size = 256 if _SMOKE.value else common.MATMUL_SIZE
+    matmul = common.matmul_worker(matmul_size)["matmul"]
     for _ in range(warmup):
         step()
-    untraced = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        untraced.append(time.perf_counter() - start)
+    matmul()
+    untraced, matmuls = [], []
+    for _ in range(steps):  # the untraced steps alternate with the ceiling's matmul
+        for work, times in ((step, untraced), (matmul, matmuls)):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+    ceiling = common.matmul_flops(matmul_size) / statistics.median(matmuls) / 1e9
     directory = _KEEP.value or tempfile.mkdtemp(prefix="step_trace_")
     try:
         traced_s, xspace = _trace(tf, step, steps, directory)
@@ -230,14 +236,17 @@ def main(argv):
     shares = concurrency(events)
     span = sum(shares.values()) or 1
     step_flop = flops.training_flops(model) * batch
+    untraced_s = statistics.median(untraced)
     print()
     print(
         common.table(
             ("measurement", "value"),
             [
-                ("step, not traced", f"{statistics.median(untraced) * 1000:.1f} ms"),
+                ("matmul ceiling", f"{ceiling:.1f} GFLOP/s"),
+                ("step, not traced", f"{untraced_s * 1000:.1f} ms"),
+                ("step, not traced, of ceiling", f"{step_flop / untraced_s / 1e9 / ceiling:.2f}"),
                 ("step, traced", f"{traced_s * 1000:.1f} ms"),
-                ("step, traced, GFLOP/s", f"{step_flop / traced_s / 1e9:.1f}"),
+                ("step, traced, of ceiling", f"{step_flop / traced_s / 1e9 / ceiling:.2f}"),
                 ("traced span, per step", f"{span / 1e9 / steps:.1f} ms"),
                 ("no op running", f"{shares[0] / span:.0%}"),
                 ("one op running", f"{shares[1] / span:.0%}"),
