@@ -49,6 +49,11 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Traced steps (and untraced ones).", l
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.", lower_bound=1)
 _KEEP = flags.DEFINE_string("keep_trace", "", "Keep the raw trace in this folder (TensorBoard).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one step (for tests).")
+flags.register_validator(
+    "keep_trace",
+    lambda path: not (path and os.path.isdir(path) and os.listdir(path)),
+    message="must be a new or empty folder (the trace's file is found by its name pattern)",
+)
 
 KINDS = ("forward", "input gradient", "weight gradient", "other backward")
 SGD, XLA, LOSS, OTHER = "SGD update", "XLA", "loss", "other"

@@ -142,6 +142,24 @@ def test_step_trace_smoke():
     assert 98 <= sum(shares) <= 102  # rounded shares of one span
 
 
+def test_step_trace_refuses_a_used_trace_folder(tmp_path):
+    (tmp_path / "old.xplane.pb").write_bytes(b"")
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(BENCH, "step_trace.py"),
+            "--smoke",
+            f"--keep_trace={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "--keep_trace" in result.stderr and "new or empty folder" in result.stderr
+
+
 def test_step_trace_classifies_ops(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
     import step_trace
