@@ -1,6 +1,7 @@
 """Where the whole training step's time goes, read from TensorFlow's profiler.
 
     python bench/step_trace.py --batch_size=32           # ZFNet 224x224 (~1 min)
+    python bench/step_trace.py --forward                 # the inference forward pass instead
     python bench/step_trace.py --keep_trace=/tmp/trace   # also keep the trace for TensorBoard
     python bench/step_trace.py --smoke                   # a tiny model (used by the tests)
 
@@ -26,6 +27,9 @@ TensorFlow's inter-op threads. It prints, per step:
 The profiler costs a little time itself: compare `step, traced` with
 `step, not traced` (medians of the same number of steps; the untraced steps
 alternate with the 4096^3 matmul that gives the ceiling).
+
+`--forward` traces inference instead, as inference_bench's Keras model runs
+it: ZFNet with 1,000 classes, `model(x, training=False)` in a `tf.function`.
 """
 
 import collections
@@ -48,6 +52,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 5, "Traced steps (and untraced ones).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.", lower_bound=1)
 _KEEP = flags.DEFINE_string("keep_trace", "", "Keep the raw trace in this folder (TensorBoard).")
+_FORWARD = flags.DEFINE_bool("forward", False, "Trace the inference forward pass instead.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one step (for tests).")
 flags.register_validator(
     "keep_trace",
@@ -162,6 +167,20 @@ def _trace(tf, step, steps, directory):
     return statistics.median(times), xspace
 
 
+def _forward_pass(tf, batch, size, width, fc_units):
+    """(ZFNet with 1,000 classes, a callable running its inference pass on a fixed batch)."""
+    from zfkeras import models
+
+    model = models.ZFNet(1000, (size, size, 3), width=width, fc_units=fc_units, init="he", seed=0)
+    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
+    forward = tf.function(lambda x: model(x, training=False))
+
+    def run():
+        forward(images)[0, 0].numpy()  # waits for the result
+
+    return model, run
+
+
 def _fmt(value):
     return f"{value:.1f}" if value else "-"
 
@@ -180,8 +199,14 @@ def main(argv):
 
     tf = quiet.import_tensorflow()
 
-    model = common.compiled_training_model(common.training_config(batch, size, width, fc_units))
-    step = common.train_step(model, batch, size)
+    if _FORWARD.value:
+        model, step = _forward_pass(tf, batch, size, width, fc_units)
+        unit, step_flop = "pass", sum(f for _, f in flops.forward_flops(model)) * batch
+    else:
+        config = common.training_config(batch, size, width, fc_units)
+        model = common.compiled_training_model(config)
+        step = common.train_step(model, batch, size)
+        unit, step_flop = "step", flops.training_flops(model) * batch
     matmul_size = 256 if _SMOKE.value else common.MATMUL_SIZE
     matmul = common.matmul_worker(matmul_size)["matmul"]
     for _ in range(warmup):
@@ -206,7 +231,8 @@ def main(argv):
     first = next(iter(counted), None)
 
     print(common.machine_info())
-    print(f"ZFNet {size}x{size}, batch {batch}, {steps} traced steps after {warmup} warm-up\n")
+    what = "forward pass" if _FORWARD.value else "training step"
+    print(f"ZFNet {size}x{size}, {what}, batch {batch}, {steps} traced after {warmup} warm-up\n")
     table_rows = []
     for row, kinds in rows.items():
         total = sum(kinds.values())
@@ -240,7 +266,6 @@ def main(argv):
     )
     shares = concurrency(events)
     span = sum(shares.values()) or 1
-    step_flop = flops.training_flops(model) * batch
     untraced_s = statistics.median(untraced)
     print()
     print(
@@ -248,11 +273,14 @@ def main(argv):
             ("measurement", "value"),
             [
                 ("matmul ceiling", f"{ceiling:.1f} GFLOP/s"),
-                ("step, not traced", f"{untraced_s * 1000:.1f} ms"),
-                ("step, not traced, of ceiling", f"{step_flop / untraced_s / 1e9 / ceiling:.2f}"),
-                ("step, traced", f"{traced_s * 1000:.1f} ms"),
-                ("step, traced, of ceiling", f"{step_flop / traced_s / 1e9 / ceiling:.2f}"),
-                ("traced span, per step", f"{span / 1e9 / steps:.1f} ms"),
+                (f"{unit}, not traced", f"{untraced_s * 1000:.1f} ms"),
+                (
+                    f"{unit}, not traced, of ceiling",
+                    f"{step_flop / untraced_s / 1e9 / ceiling:.2f}",
+                ),
+                (f"{unit}, traced", f"{traced_s * 1000:.1f} ms"),
+                (f"{unit}, traced, of ceiling", f"{step_flop / traced_s / 1e9 / ceiling:.2f}"),
+                (f"traced span, per {unit}", f"{span / 1e9 / steps:.1f} ms"),
                 ("no op running", f"{shares[0] / span:.0%}"),
                 ("one op running", f"{shares[1] / span:.0%}"),
                 ("two or more ops running", f"{shares[2] / span:.0%}"),

@@ -142,6 +142,12 @@ def test_step_trace_smoke():
     assert 98 <= sum(shares) <= 102  # rounded shares of one span
 
 
+def test_step_trace_forward_smoke():
+    rows = table_rows(run_bench("step_trace", "--smoke", "--forward"))
+    assert float(rows["conv2"][0]) > 0 and rows["conv2"][1:4] == ["-", "-", "-"]  # no gradients
+    assert "SGD update" not in rows and float(rows["pass, traced"][0].split()[0]) > 0
+
+
 def test_step_trace_refuses_a_used_trace_folder(tmp_path):
     (tmp_path / "old.xplane.pb").write_bytes(b"")
     result = subprocess.run(
