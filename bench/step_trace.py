@@ -2,7 +2,7 @@
 
     python bench/step_trace.py --batch_size=32           # ZFNet 224x224 (~1 min)
     python bench/step_trace.py --forward                 # the inference forward pass instead
-    python bench/step_trace.py --keep_trace=/tmp/trace   # also keep the trace for TensorBoard
+    python bench/step_trace.py --keep_trace=/tmp/trace   # also keep the raw trace (TensorBoard)
     python bench/step_trace.py --smoke                   # a tiny model (used by the tests)
 
 `layer_profile.py` times each layer alone. This script traces the real
@@ -189,6 +189,39 @@ def _rate(flop, ms):
     return f"{flop / ms / 1e6:.0f}" if ms else "-"
 
 
+def _layer_table(rows, model, batch):
+    """The per-layer Markdown table of `summarise`'s rows."""
+    counted = dict(flops.forward_flops(model))
+    first = next(iter(counted), None)
+    table_rows = []
+    for row, kinds in rows.items():
+        total = sum(kinds.values())
+        if None in kinds:  # a non-layer row: its total only
+            table_rows.append((row, "", "", "", "", _fmt(total), "", "", ""))
+            continue
+        forward, dx, dw, other = (kinds.get(k, 0.0) for k in KINDS)
+        flop = counted.get(row, 0) * batch
+        rates = ("", "", "")
+        if flop:
+            dx_rate = "n/a" if row == first else _rate(flop, dx)
+            rates = (_rate(flop, forward), dx_rate, _rate(flop, dw))
+        table_rows.append((row, *(_fmt(v) for v in (forward, dx, dw, other)), _fmt(total), *rates))
+    op_ms = sum(sum(k.values()) for k in rows.values())
+    table_rows.append(("**all ops**", "", "", "", "", f"{op_ms:.1f}", "", "", ""))
+    header = (
+        "layer",
+        "forward ms",
+        "input grad ms",
+        "weight grad ms",
+        "other backward ms",
+        "total ms",
+        "forward GFLOP/s",
+        "input grad GFLOP/s",
+        "weight grad GFLOP/s",
+    )
+    return common.table(header, table_rows)
+
+
 def main(argv):
     del argv
     size, width, fc_units, batch = _INPUT_SIZE.value, _WIDTH.value, _FC_UNITS.value, _BATCH.value
@@ -226,44 +259,11 @@ def main(argv):
         if not _KEEP.value:
             shutil.rmtree(directory, ignore_errors=True)
     events = op_events(xspace)
-    rows = summarise(events, model, steps)
-    counted = dict(flops.forward_flops(model))
-    first = next(iter(counted), None)
 
     print(common.machine_info())
     what = "forward pass" if _FORWARD.value else "training step"
     print(f"ZFNet {size}x{size}, {what}, batch {batch}, {steps} traced after {warmup} warm-up\n")
-    table_rows = []
-    for row, kinds in rows.items():
-        total = sum(kinds.values())
-        if None in kinds:  # a non-layer row: its total only
-            table_rows.append((row, "", "", "", "", _fmt(total), "", "", ""))
-            continue
-        forward, dx, dw, other = (kinds.get(k, 0.0) for k in KINDS)
-        flop = counted.get(row, 0) * batch
-        rates = ("", "", "")
-        if flop:
-            dx_rate = "n/a" if row == first else _rate(flop, dx)
-            rates = (_rate(flop, forward), dx_rate, _rate(flop, dw))
-        table_rows.append((row, *(_fmt(v) for v in (forward, dx, dw, other)), _fmt(total), *rates))
-    op_ms = sum(sum(k.values()) for k in rows.values())
-    table_rows.append(("**all ops**", "", "", "", "", f"{op_ms:.1f}", "", "", ""))
-    print(
-        common.table(
-            (
-                "layer",
-                "forward ms",
-                "input grad ms",
-                "weight grad ms",
-                "other backward ms",
-                "total ms",
-                "forward GFLOP/s",
-                "input grad GFLOP/s",
-                "weight grad GFLOP/s",
-            ),
-            table_rows,
-        )
-    )
+    print(_layer_table(summarise(events, model, steps), model, batch))
     shares = concurrency(events)
     span = sum(shares.values()) or 1
     untraced_s = statistics.median(untraced)
@@ -288,7 +288,10 @@ def main(argv):
         )
     )
     if _KEEP.value:
-        print(f"\ntrace kept in {_KEEP.value} (tensorboard --logdir={_KEEP.value}, Profile tab)")
+        print(
+            f"\ntrace kept in {_KEEP.value} (TensorBoard's Profile tab shows it, with the"
+            " tensorboard-plugin-profile package installed)"
+        )
 
 
 if __name__ == "__main__":
