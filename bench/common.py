@@ -377,6 +377,7 @@ def ceiling_gflops(session, size=MATMUL_SIZE, name="matmul"):
 # The training model (train_bench.py, layer_profile.py).
 
 TRAINING_CLASSES = 10  # Fashion-MNIST
+INFERENCE_CLASSES = 1000  # the paper's ImageNet head
 
 
 def training_config(batch, size, width, fc_units, dataset="fashion_mnist", data_dir=""):
@@ -424,6 +425,28 @@ def compile_like(model, config, keras_sgd=False):
         ],
     )
     return model
+
+
+def inference_model(size, width=1.0, fc_units=4096):
+    """The forward benchmarks' model: ZFNet, 1,000 classes, He-initialised with seed 0."""
+    from zfkeras import models
+
+    shape = (size, size, 3)
+    return models.ZFNet(INFERENCE_CLASSES, shape, width=width, fc_units=fc_units, init="he", seed=0)
+
+
+def forward_step(model, batch, size):
+    """A callable running `model`'s inference pass on a fixed random batch; returns `batch`."""
+    import tensorflow as tf
+
+    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
+    forward = tf.function(lambda x: model(x, training=False))
+
+    def step():
+        forward(images).numpy()  # waits for the result
+        return batch
+
+    return step
 
 
 def train_step(model, batch, size):

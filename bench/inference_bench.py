@@ -44,7 +44,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved repetitions.", lower_
 _MIN_BLOCK = flags.DEFINE_float("min_block_s", 1.5, "Shortest timed block, seconds.", 0.0)
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one repetition, inline (for tests).")
 
-_NUM_CLASSES = 1000
+_NUM_CLASSES = common.INFERENCE_CLASSES
 _SCALE = 50.0  # model inputs are pixels minus the mean: roughly N(0, 50)
 _ONE_PROCESS = "one process: "
 
@@ -59,12 +59,10 @@ def export_all(folder, size, width, fc_units, int8_samples):
     from zfkeras import quiet
 
     quiet.import_tensorflow()
-    from zfkeras import data, fileio, models
+    from zfkeras import data, fileio
     from zfkeras_export import graph, litert, savedmodel, source
 
-    model = models.ZFNet(
-        _NUM_CLASSES, (size, size, 3), width=width, fc_units=fc_units, init="he", seed=0
-    )
+    model = common.inference_model(size, width, fc_units)
     fileio.save_model(model, os.path.join(folder, "model.keras"))
     resize = round(size * 256 / 224)
     serving = graph.ServingGraph(

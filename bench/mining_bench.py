@@ -64,10 +64,10 @@ def image_batches(count, size, batch):
 
 
 def _setup(size, width, fc_units, maps):
-    from zfkeras import deconv, models
+    from zfkeras import deconv
     from zfkeras.analysis import topk
 
-    model = models.ZFNet(1000, (size, size, 3), width=width, fc_units=fc_units, init="he", seed=0)
+    model = common.inference_model(size, width, fc_units)
     dn = deconv.Deconvnet(model)
     layers = dn.conv_layer_names
     chosen = topk.choose_maps(dn, layers, {}, maps, seed=0)

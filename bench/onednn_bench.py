@@ -34,7 +34,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved repetitions.", lower_
 _MIN_BLOCK = flags.DEFINE_float("min_block_s", 3.0, "Shortest timed block, seconds.", 0.0)
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, one repetition (for tests).")
 
-_NUM_CLASSES = 1000
+_NUM_CLASSES = common.INFERENCE_CLASSES
 _SETTINGS = (("off", "0"), ("on", "1"))
 
 
@@ -56,20 +56,7 @@ def matmul_worker(label, size):
 
 def model_worker(label, batch, size, width, fc_units):
     _check_setting(label)
-    import tensorflow as tf
-
-    from zfkeras import models
-
-    model = models.ZFNet(
-        _NUM_CLASSES, (size, size, 3), width=width, fc_units=fc_units, init="he", seed=0
-    )
-    forward = tf.function(lambda x: model(x, training=False))
-    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
-
-    def infer():
-        forward(images).numpy()
-        return batch
-
+    infer = common.forward_step(common.inference_model(size, width, fc_units), batch, size)
     config = common.training_config(batch, size, width, fc_units)
     trained = common.compiled_training_model(config)
     return {

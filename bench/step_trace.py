@@ -167,20 +167,6 @@ def _trace(tf, step, steps, directory):
     return statistics.median(times), xspace
 
 
-def _forward_pass(tf, batch, size, width, fc_units):
-    """(ZFNet with 1,000 classes, a callable running its inference pass on a fixed batch)."""
-    from zfkeras import models
-
-    model = models.ZFNet(1000, (size, size, 3), width=width, fc_units=fc_units, init="he", seed=0)
-    images = tf.random.stateless_normal([batch, size, size, 3], seed=[0, 0]) * 50.0
-    forward = tf.function(lambda x: model(x, training=False))
-
-    def run():
-        forward(images)[0, 0].numpy()  # waits for the result
-
-    return model, run
-
-
 def _fmt(value):
     return f"{value:.1f}" if value else "-"
 
@@ -233,7 +219,8 @@ def main(argv):
     tf = quiet.import_tensorflow()
 
     if _FORWARD.value:
-        model, step = _forward_pass(tf, batch, size, width, fc_units)
+        model = common.inference_model(size, width, fc_units)
+        step = common.forward_step(model, batch, size)
         unit, step_flop = "pass", sum(f for _, f in flops.forward_flops(model)) * batch
     else:
         config = common.training_config(batch, size, width, fc_units)

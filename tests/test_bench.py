@@ -12,14 +12,19 @@ from conftest import REPO
 BENCH = os.path.join(REPO, "bench")
 
 
-def run_bench(name, *args):
-    result = subprocess.run(
+def bench_process(name, *args):
+    """The finished process of one benchmark script run."""
+    return subprocess.run(
         [sys.executable, os.path.join(BENCH, f"{name}.py"), *args],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=REPO,
     )
+
+
+def run_bench(name, *args):
+    result = bench_process(name, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -150,18 +155,7 @@ def test_step_trace_forward_smoke():
 
 def test_step_trace_refuses_a_used_trace_folder(tmp_path):
     (tmp_path / "old.xplane.pb").write_bytes(b"")
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(BENCH, "step_trace.py"),
-            "--smoke",
-            f"--keep_trace={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
+    result = bench_process("step_trace", "--smoke", f"--keep_trace={tmp_path}")
     assert result.returncode != 0
     assert "--keep_trace" in result.stderr and "new or empty folder" in result.stderr
 
