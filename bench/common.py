@@ -119,10 +119,22 @@ class Session:
     memory_mb: dict  # worker name -> {"baseline": RSS MB after imports, "peak": MB}
     repeats: int
 
-    def ratio(self, numerator, denominator):
-        """Median over repetitions of time-per-item(numerator) / time-per-item(denominator)."""
+    def ratios(self, numerator, denominator):
+        """Per repetition: time-per-item(numerator) / time-per-item(denominator)."""
         a, b = self.results[numerator].per_item_s, self.results[denominator].per_item_s
-        return statistics.median(x / y for x, y in zip(a, b))
+        return [x / y for x, y in zip(a, b)]
+
+    def ratio(self, numerator, denominator):
+        """The median of `ratios`."""
+        return statistics.median(self.ratios(numerator, denominator))
+
+    def of_ceiling(self, name, flop_per_item, size=MATMUL_SIZE, ceiling="matmul"):
+        """Per repetition: `name`'s FLOP rate / the ceiling matmul's rate in that repetition.
+
+        Each repetition times both within seconds of each other, so a slow
+        stretch of the machine slows both and cancels out of the ratio.
+        """
+        return [flop_per_item / matmul_flops(size) * ratio for ratio in self.ratios(ceiling, name)]
 
 
 def peak_rss_mb():
@@ -371,6 +383,17 @@ def matmul_worker(size=MATMUL_SIZE):
 def ceiling_gflops(session, size=MATMUL_SIZE, name="matmul"):
     """The rate of a session's matmul measurement `name`, GFLOP/s."""
     return matmul_flops(size) / session.results[name].median_s / 1e9
+
+
+def median_range(values, digits=2):
+    """Per-repetition values as 'median (lowest-highest)': '0.72 (0.66-0.75)'.
+
+    One value is shown alone, so that a one-repetition run reads as a number.
+    """
+    median = f"{statistics.median(values):.{digits}f}"
+    if len(values) < 2:
+        return median
+    return f"{median} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 # ---------------------------------------------------------------------------

@@ -172,16 +172,20 @@ def main(argv):
             if name not in results:
                 continue
             result = results[name]
-            cost = "" if name == forward_name else f"{session.ratio(name, forward_name):.2f}"
+            cost = "" if name == forward_name else session.ratios(name, forward_name)
+            cost = cost and common.median_range(cost)
             gflops = "" if per_item is None else f"{per_item * result.rate / 1e9:.1f}"
-            fraction = "" if per_item is None else f"{per_item * result.rate / 1e9 / ceiling:.2f}"
+            fraction = ""
+            if per_item is not None:
+                fraction = common.median_range(session.of_ceiling(name, per_item, matmul_size))
             unit = "images/s" if name == forward_name else "projections/s"
             rows.append(
                 (name, f"{result.rate:.1f} {unit}", gflops, fraction, cost, f"{result.spread:.0%}")
             )
     print(
         f"median of {repeats} interleaved repetitions; cost = time per projection / time per "
-        "forward pass of one image at the same batch size (median of per-repetition ratios)"
+        "forward pass of one image at the same batch size; 'of ceiling' and cost: median "
+        "(lowest-highest) of per-repetition ratios"
     )
     print(
         common.table(

@@ -223,19 +223,25 @@ def main(argv):
             keras_name = f"{prefixes[0]} b{batch}"  # each group's ratios are to its own Keras
             for prefix in prefixes:
                 result = session.results[f"{prefix} b{batch}"]
-                gflops = forward_flops * result.rate / 1e9
-                versus = "" if result.name == keras_name else session.ratio(keras_name, result.name)
+                versus = ""
+                if result.name != keras_name:
+                    versus = common.median_range(session.ratios(keras_name, result.name))
                 rows.append(
                     (
                         result.name,
                         f"{result.rate:.1f}",
-                        f"{gflops:.1f}",
-                        f"{gflops / ceiling:.2f}",
-                        versus and f"{versus:.2f}",
+                        f"{forward_flops * result.rate / 1e9:.1f}",
+                        common.median_range(
+                            session.of_ceiling(result.name, forward_flops, matmul_size)
+                        ),
+                        versus,
                         f"{result.spread:.0%}",
                     )
                 )
-    print(f"median of {repeats} interleaved repetitions; int8 GFLOP/s counts the same FLOPs")
+    print(
+        f"median of {repeats} interleaved repetitions; 'of ceiling' and 'x keras': median "
+        "(lowest-highest) of per-repetition ratios; int8 GFLOP/s counts the same FLOPs"
+    )
     print(
         common.table(
             ("measurement", "images/s", "GFLOP/s", "of ceiling", "x keras", "spread"), rows

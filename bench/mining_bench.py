@@ -219,36 +219,36 @@ def main(argv):
         ratios = [
             m / (f + p) for m, f, p in zip(mine.per_item_s, forward.per_item_s, project.per_item_s)
         ]
-        ratio = sorted(ratios)[len(ratios) // 2]
         phases = ", ".join(f"{p} {mine.phase_s(p):.1f} s" for p in ("mine", "fetch", "project"))
         useful = n * forward_flops + projection_flops
         for result, text, flop_count, versus in (
             (forward, "", n * forward_flops, ""),
             (project, "", projection_flops, ""),
-            (mine, phases, useful, f"{ratio:.2f}"),
+            (mine, phases, useful, common.median_range(ratios)),
             (
                 mining_pass,
                 "",
                 n * forward_flops,
-                f"{session.ratio(mining_pass.name, forward.name):.2f} x forward",
+                common.median_range(session.ratios(mining_pass.name, forward.name)) + " x forward",
             ),
         ):
             seconds = result.median_s * n
-            gflops = flop_count / seconds / 1e9
+            fraction = session.of_ceiling(result.name, flop_count / n, matmul_size)
             rows.append(
                 (
                     result.name,
                     f"{seconds:.2f}",
                     text,
-                    f"{gflops:.1f}",
-                    f"{gflops / ceiling:.2f}",
+                    f"{flop_count / seconds / 1e9:.1f}",
+                    common.median_range(fraction),
                     versus,
                     f"{result.spread:.0%}",
                 )
             )
     print(
         f"median of {repeats} interleaved repetitions; 'x reference' = mining time / (forward "
-        "+ projections time), median of per-repetition ratios; mining GFLOP/s counts the "
+        "+ projections time); it and 'of ceiling' are the median (lowest-highest) of "
+        "per-repetition ratios; mining GFLOP/s counts the "
         "forward passes over N and the projections; 'pass' = the mining pass alone, against "
         "the forward pass"
     )

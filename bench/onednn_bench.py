@@ -111,7 +111,6 @@ def main(argv):
             )
         )
     session = common.run_session(workers, repeats, min_block, log=common.log_to_stderr)
-    ceiling = common.ceiling_gflops(session, matmul_size, "matmul oneDNN on")
     rows = []
     for kind, per_item in (
         ("matmul", common.matmul_flops(matmul_size)),
@@ -121,21 +120,22 @@ def main(argv):
         off, on = (session.results[f"{kind} oneDNN {label}"] for label, _ in _SETTINGS)
         # The matmul's rate is shown in GFLOP/s, the models' in images/s.
         scale = per_item / 1e9 if kind == "matmul" else 1.0
-        gflops = per_item * on.rate / 1e9
+        fraction = session.of_ceiling(on.name, per_item, matmul_size, "matmul oneDNN on")
         rows.append(
             (
                 kind,
                 f"{off.rate * scale:.1f}",
                 f"{on.rate * scale:.1f}",
-                f"{session.ratio(off.name, on.name):.2f}",
-                f"{gflops:.1f}",
-                f"{gflops / ceiling:.2f}",
+                common.median_range(session.ratios(off.name, on.name)),
+                f"{per_item * on.rate / 1e9:.1f}",
+                common.median_range(fraction),
                 f"{max(off.spread, on.spread):.0%}",
             )
         )
     print(
         f"median of {repeats} interleaved repetitions; matmul in GFLOP/s, the others in "
-        "images/s; ceiling: the matmul with oneDNN on"
+        "images/s; ceiling: the matmul with oneDNN on; speed-up and 'of ceiling': median "
+        "(lowest-highest) of per-repetition ratios"
     )
     print(
         common.table(

@@ -191,20 +191,22 @@ def main(argv):
         keras_sgd = session.results[f"keras sgd b{batch}"]
         rows.append((f"matmul ceiling (b{batch} session)", "", f"{ceiling:.1f}", "1.00", "", ""))
         for result in (bare, keras_sgd, pipeline):
-            gflops = step_flops * result.rate / 1e9
-            versus = session.ratio(bare.name, result.name) if result is not bare else None
+            versus = session.ratios(bare.name, result.name) if result is not bare else None
             rows.append(
                 (
                     result.name,
                     f"{result.rate:.1f}",
-                    f"{gflops:.1f}",
-                    f"{gflops / ceiling:.2f}",
-                    "" if versus is None else f"{versus:.2f}",
+                    f"{step_flops * result.rate / 1e9:.1f}",
+                    common.median_range(session.of_ceiling(result.name, step_flops, matmul_size)),
+                    "" if versus is None else common.median_range(versus),
                     f"{result.spread:.0%}",
                 )
             )
         memory.append(common.memory_table(session))
-    print(f"median of {repeats} interleaved repetitions")
+    print(
+        f"median of {repeats} interleaved repetitions; 'of ceiling' and 'x bare step': median "
+        "(lowest-highest) of per-repetition ratios"
+    )
     print(
         common.table(
             ("measurement", "images/s", "GFLOP/s", "of ceiling", "x bare step", "spread"), rows

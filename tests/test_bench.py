@@ -220,3 +220,23 @@ def test_worker_processes_report_memory(monkeypatch):
     memory = session.memory_mb["matmul"]
     assert memory["peak"] >= memory["baseline"] > 0
     assert "| matmul" in common.memory_table(session)
+
+
+def test_ratios_are_taken_per_repetition(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import common
+
+    # The machine is twice as slow in the second repetition: both measurements
+    # slow down, and their per-repetition ratio does not move.
+    size = 2  # the matmul does 2 * 2**3 = 16 FLOP
+    results = {
+        "matmul": common.Result("matmul", "w", [1.0, 2.0, 1.0]),
+        "step": common.Result("step", "w", [4.0, 8.0, 2.0]),
+    }
+    session = common.Session(results, {}, repeats=3)
+    assert session.ratios("step", "matmul") == [4.0, 4.0, 2.0]
+    assert session.ratio("step", "matmul") == 4.0
+    # 32 FLOP per item: 8, 4 and 16 FLOP/s against the matmul's 16, 8 and 16.
+    assert session.of_ceiling("step", 32.0, size) == [0.5, 0.5, 1.0]
+    assert common.median_range([0.5, 0.5, 1.0]) == "0.50 (0.50-1.00)"
+    assert common.median_range([0.734]) == "0.73"
