@@ -172,8 +172,9 @@ def main(argv):
             if name not in results:
                 continue
             result = results[name]
-            cost = "" if name == forward_name else session.ratios(name, forward_name)
-            cost = cost and common.median_range(cost)
+            cost = ""
+            if name != forward_name:
+                cost = common.median_range(session.ratios(name, forward_name))
             gflops = "" if per_item is None else f"{per_item * result.rate / 1e9:.1f}"
             fraction = ""
             if per_item is not None:

@@ -94,11 +94,14 @@ def main(argv):
                 name,
                 f"{result.median_s * batch:.3f}",
                 f"{result.rate:.1f}",
-                f"{session.ratio(name, 'one tower'):.2f}",
+                common.median_range(session.ratios(name, "one tower")),
                 f"{result.spread:.0%}",
             )
         )
-    print(f"median of {repeats} interleaved repetitions")
+    print(
+        f"median of {repeats} interleaved repetitions; 'x one tower': median (lowest-highest) "
+        "of per-repetition ratios"
+    )
     print(
         common.table(
             ("model", "s per step", "images/s", "x one tower (time)", "spread"),
