@@ -385,6 +385,18 @@ def ceiling_gflops(session, size=MATMUL_SIZE, name="matmul"):
     return matmul_flops(size) / session.results[name].median_s / 1e9
 
 
+def ranges_caption(repeats, columns, *notes):
+    """The line above a table: repetitions, `notes`, and which columns `median_range` fills."""
+    ranged = " and ".join(columns)
+    return "; ".join(
+        (
+            f"median of {repeats} interleaved repetitions",
+            *notes,
+            f"{ranged}: median (lowest-highest) of per-repetition ratios",
+        )
+    )
+
+
 def median_range(values, digits=2):
     """Per-repetition values as 'median (lowest-highest)': '0.72 (0.66-0.75)'.
 

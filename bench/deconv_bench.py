@@ -184,9 +184,12 @@ def main(argv):
                 (name, f"{result.rate:.1f} {unit}", gflops, fraction, cost, f"{result.spread:.0%}")
             )
     print(
-        f"median of {repeats} interleaved repetitions; cost = time per projection / time per "
-        "forward pass of one image at the same batch size; 'of ceiling' and cost: median "
-        "(lowest-highest) of per-repetition ratios"
+        common.ranges_caption(
+            repeats,
+            ("'of ceiling'", "cost"),
+            "cost = time per projection / time per forward pass of one image at the same "
+            "batch size",
+        )
     )
     print(
         common.table(

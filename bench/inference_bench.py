@@ -239,8 +239,9 @@ def main(argv):
                     )
                 )
     print(
-        f"median of {repeats} interleaved repetitions; 'of ceiling' and 'x keras': median "
-        "(lowest-highest) of per-repetition ratios; int8 GFLOP/s counts the same FLOPs"
+        common.ranges_caption(
+            repeats, ("'of ceiling'", "'x keras'"), "int8 GFLOP/s counts the same FLOPs"
+        )
     )
     print(
         common.table(

@@ -246,11 +246,13 @@ def main(argv):
                 )
             )
     print(
-        f"median of {repeats} interleaved repetitions; 'x reference' = mining time / (forward "
-        "+ projections time); it and 'of ceiling' are the median (lowest-highest) of "
-        "per-repetition ratios; mining GFLOP/s counts the "
-        "forward passes over N and the projections; 'pass' = the mining pass alone, against "
-        "the forward pass"
+        common.ranges_caption(
+            repeats,
+            ("'of ceiling'", "'x reference'"),
+            "'x reference' = mining time / (forward + projections time)",
+            "mining GFLOP/s counts the forward passes over N and the projections",
+            "'pass' = the mining pass alone, against the forward pass",
+        )
     )
     print(
         common.table(

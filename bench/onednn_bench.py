@@ -133,9 +133,12 @@ def main(argv):
             )
         )
     print(
-        f"median of {repeats} interleaved repetitions; matmul in GFLOP/s, the others in "
-        "images/s; ceiling: the matmul with oneDNN on; speed-up and 'of ceiling': median "
-        "(lowest-highest) of per-repetition ratios"
+        common.ranges_caption(
+            repeats,
+            ("speed-up", "'of ceiling'"),
+            "matmul in GFLOP/s, the others in images/s",
+            "ceiling: the matmul with oneDNN on",
+        )
     )
     print(
         common.table(

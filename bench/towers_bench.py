@@ -98,10 +98,7 @@ def main(argv):
                 f"{result.spread:.0%}",
             )
         )
-    print(
-        f"median of {repeats} interleaved repetitions; 'x one tower': median (lowest-highest) "
-        "of per-repetition ratios"
-    )
+    print(common.ranges_caption(repeats, ("'x one tower'",)))
     print(
         common.table(
             ("model", "s per step", "images/s", "x one tower (time)", "spread"),

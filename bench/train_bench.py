@@ -203,10 +203,7 @@ def main(argv):
                 )
             )
         memory.append(common.memory_table(session))
-    print(
-        f"median of {repeats} interleaved repetitions; 'of ceiling' and 'x bare step': median "
-        "(lowest-highest) of per-repetition ratios"
-    )
+    print(common.ranges_caption(repeats, ("'of ceiling'", "'x bare step'")))
     print(
         common.table(
             ("measurement", "images/s", "GFLOP/s", "of ceiling", "x bare step", "spread"), rows

@@ -240,3 +240,7 @@ def test_ratios_are_taken_per_repetition(monkeypatch):
     assert session.of_ceiling("step", 32.0, size) == [0.5, 0.5, 1.0]
     assert common.median_range([0.5, 0.5, 1.0]) == "0.50 (0.50-1.00)"
     assert common.median_range([0.734]) == "0.73"
+    assert common.ranges_caption(3, ("a", "b"), "note") == (
+        "median of 3 interleaved repetitions; note; a and b: median (lowest-highest) of "
+        "per-repetition ratios"
+    )
