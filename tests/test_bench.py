@@ -114,6 +114,20 @@ def test_onednn_bench_smoke():
         assert float(rows[name][2]) > 0  # speed-up
 
 
+def test_noise_bench_smoke():
+    out = run_bench("noise_bench", "--smoke")
+    rows = table_rows(out)
+    for name in ("matmul ceiling", "memory copy", "training step"):
+        lowest, median, highest = (float(rows[name][i]) for i in (1, 3, 5))
+        assert 0 < lowest <= median <= highest
+    assert "ratio of the medians" in out and "correlation over the rounds" in out
+
+
+def test_noise_bench_forward_smoke():
+    rows = table_rows(run_bench("noise_bench", "--smoke", "--forward"))
+    assert float(rows["inference pass"][3]) > 0
+
+
 def test_worker_env_is_refused_inline(monkeypatch):
     # Inline, TensorFlow is already imported: an environment setting could not take.
     monkeypatch.syspath_prepend(BENCH)
