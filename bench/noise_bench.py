@@ -67,12 +67,8 @@ def correlation(a, b):
 def main(argv):
     del argv
     size, batch, rounds = _INPUT_SIZE.value, _BATCH.value, _ROUNDS.value
-    step_s, ceiling_s, copy_s, copy_mb = (
-        _STEP_S.value,
-        _CEILING_S.value,
-        _COPY_S.value,
-        _COPY_MB.value,
-    )
+    step_s, ceiling_s, copy_s = _STEP_S.value, _CEILING_S.value, _COPY_S.value
+    copy_mb = _COPY_MB.value
     width, fc_units, matmul_size = 1.0, 4096, common.MATMUL_SIZE
     if _SMOKE.value:
         size, batch, rounds, width, fc_units, matmul_size = 67, 2, 2, 0.125, 16, 256
