@@ -4,11 +4,12 @@
     python bench/noise_bench.py --forward        # the inference pass instead
     python bench/noise_bench.py --smoke          # a tiny model, seconds (used by the tests)
 
-One process runs `--rounds` rounds, each three short blocks back to back:
-the 4096^3 float32 matmul (the ceiling of the other scripts), a copy of a
-`--copy_mb` NumPy array (memory bandwidth, one core) and ZFNet's compiled
-training step (`train_on_batch`, 10 classes, as train_bench's bare step) or,
-with `--forward`, its inference pass (1,000 classes, as inference_bench).
+One process (`common.run_session`, inline) runs `--rounds` rounds, each three
+short blocks back to back, the first of them in turn: the 4096^3 float32
+matmul (the ceiling of the other scripts), a copy of a `--copy_mb` NumPy
+array (memory bandwidth, one core) and ZFNet's compiled training step
+(`train_on_batch`, 10 classes, as train_bench's bare step) or, with
+`--forward`, its inference pass (1,000 classes, as inference_bench).
 
 It prints the spread of each over the rounds, the step's fraction of the
 ceiling taken round by round against the fraction of the medians, and the
@@ -37,15 +38,22 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny model, two short rounds (for te
 QUANTILES = (("lowest", 0.0), ("25 %", 0.25), ("median", 0.5), ("75 %", 0.75), ("highest", 1.0))
 
 
-def timed_rate(run, units, min_s):
-    """Calls `run` until `min_s` has passed (at least once); units per second."""
-    calls, start = 0, time.perf_counter()
-    while True:
-        run()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_s:
-            return calls * units / elapsed
+def for_at_least(run, min_s):
+    """A measurement that calls `run` until `min_s` has passed (at least once).
+
+    Returns (seconds, items), the form `common.run_session` takes from a
+    measurement that times itself; `run` returns the items it processed.
+    """
+
+    def block():
+        items, start = 0, time.perf_counter()
+        while True:
+            items += run()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s:
+                return elapsed, items
+
+    return block
 
 
 def quantile_row(name, unit, values, digits=2):
@@ -89,29 +97,34 @@ def main(argv):
         step = common.train_step(model, batch, size)
         step_flops = flops.training_flops(model)
         what = "training step"
-    matmul = common.matmul_worker(matmul_size)["matmul"]
     source = np.ones(copy_mb * (1 << 20) // 4, np.float32)
     target = np.empty_like(source)
 
     def copy():
         np.copyto(target, source)
+        return 1
 
+    works = {
+        "matmul": for_at_least(common.matmul_worker(matmul_size)["matmul"], ceiling_s),
+        "copy": for_at_least(copy, copy_s),
+        "step": for_at_least(step, step_s),
+    }
     print(
         f"{model.name} {size}x{size}x3, batch {batch}, float32, {what} "
         f"{step_flops / 1e9:.3f} GFLOP/image; {rounds} rounds of a {ceiling_s:g} s matmul "
         f"({matmul_size}^3), a {copy_s:g} s copy ({copy_mb} MB) and a {step_s:g} s {what} block"
     )
     print(common.machine_info())
-    for _ in range(2):  # warm-up: traces, kernels, first-touch pages
-        step(), matmul(), copy()
-    ceilings, copies, steps = [], [], []
-    for index in range(rounds):
-        common.log_to_stderr(f"round {index + 1}/{rounds}")
-        ceilings.append(timed_rate(matmul, common.matmul_flops(matmul_size) / 1e9, ceiling_s))
-        copies.append(timed_rate(copy, 2 * source.nbytes / 1e9, copy_s))  # read + write
-        steps.append(timed_rate(step, batch * step_flops / 1e9, step_s))
-    ceilings, copies, steps = np.array(ceilings), np.array(copies), np.array(steps)
-    fractions = steps / ceilings
+    worker = common.Worker("noise", lambda: works)
+    session = common.run_session([worker], rounds, 0.0, True, common.log_to_stderr)
+
+    def per_round(name, units):
+        return units / np.array(session.results[name].per_item_s)
+
+    ceilings = per_round("matmul", common.matmul_flops(matmul_size) / 1e9)
+    copies = per_round("copy", 2 * source.nbytes / 1e9)  # read + write
+    steps = per_round("step", step_flops / 1e9)
+    fractions = session.of_ceiling("step", step_flops, matmul_size)
     print(
         common.table(
             ("measurement", "unit", *(name for name, _ in QUANTILES)),
