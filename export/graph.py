@@ -237,8 +237,9 @@ def unless_empty(fn, *tensors):
 class ServingGraph:
     """The serving computations of one exported model.
 
-    Switches the model's ContrastNorm layers to TensorFlow's LRN op
-    (`zfkeras.layers.use_lrn_op`) for good, except inside `xla_normalisation`.
+    Switches the model to ops that need no XLA for good (ContrastNorm to
+    TensorFlow's LRN op, WinogradConv2D to the direct convolution:
+    `zfkeras.layers.use_portable_ops`), except inside `xla_normalisation`.
 
     Args:
         source: a `zfkeras_export.source.Source`.
@@ -248,9 +249,10 @@ class ServingGraph:
     def __init__(self, source, top_k=5):
         self.source = source
         self.model = source.model
-        # TensorFlow's LRN op, not the XLA normalisation: a TFLite builtin, and
-        # TF Serving compiles no XLA unless started with --xla_cpu_compilation_enabled.
-        zlayers.use_lrn_op(self.model)
+        # TensorFlow's LRN op and direct convolutions, not XLA clusters: TFLite
+        # builtins, and TF Serving compiles no XLA unless started with
+        # --xla_cpu_compilation_enabled.
+        zlayers.use_portable_ops(self.model)
         self.preprocessing = source.preprocessing
         self.top_k = max(1, min(int(top_k), source.num_classes))
         crop = self.preprocessing.crop_size
@@ -261,17 +263,19 @@ class ServingGraph:
 
     @contextlib.contextmanager
     def xla_normalisation(self):
-        """Inside: graphs traced from here run the XLA normalisation, not the LRN op.
+        """Inside: graphs traced from here run Keras' XLA computations.
 
-        Keras' own computation (`zfkeras.layers.contrast_norm`), 3x faster for
-        norm1 on CPU, for a SavedModel served from TensorFlow with XLA (TF
-        Serving needs --xla_cpu_compilation_enabled; TFLite cannot run it).
+        The XLA normalisation (`zfkeras.layers.contrast_norm`, 3x faster for
+        norm1 on CPU than the LRN op) and the Winograd convolutions
+        (`zfkeras.layers.winograd_conv`), for a SavedModel served from
+        TensorFlow with XLA (TF Serving needs --xla_cpu_compilation_enabled;
+        TFLite cannot run it).
         """
-        zlayers.use_lrn_op(self.model, False)
+        zlayers.use_portable_ops(self.model, False)
         try:
             yield
         finally:
-            zlayers.use_lrn_op(self.model, True)
+            zlayers.use_portable_ops(self.model, True)
 
     @property
     def input_shape(self):

@@ -343,3 +343,97 @@ def test_grouped_conv_round_trips_in_a_saved_model(tmp_path):
     assert type(loaded.get_layer("conv2")) is zlayers.GroupedConv2D
     x = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# WinogradConv2D.
+
+
+def _graph_op_types(model, shape):
+    spec = tf.TensorSpec(shape, tf.float32)
+    graph = tf.function(lambda x: model(x)).get_concrete_function(spec).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        types |= {node.op for node in function.node_def}
+        if function.attr.get("_XlaMustCompile") and function.attr["_XlaMustCompile"].b:
+            types.add("<XLA>")
+    return types
+
+
+# Odd and even maps (the last tile half outside), a 1x1 map, one channel.
+@pytest.mark.parametrize(
+    "size, channels_in, filters", [(13, 5, 7), (6, 3, 4), (1, 2, 3), (7, 1, 1)]
+)
+def test_winograd_conv_equals_keras_conv(size, channels_in, filters):
+    rng = np.random.default_rng(size)
+    x = tf.constant(rng.normal(size=(2, size, size + 1, channels_in)), tf.float32)
+    args = dict(filters=filters, kernel_size=3, padding="same", bias_initializer="random_normal")
+    ours, keras_conv = zlayers.WinogradConv2D(**args), keras.layers.Conv2D(**args)
+    ours.build(x.shape)
+    keras_conv.build(x.shape)
+    keras_conv.set_weights(ours.get_weights())
+    assert ours._uses_winograd(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_ours, y_keras = ours(x), keras_conv(x)
+        loss_ours = tf.reduce_sum(y_ours * tf.sin(y_ours))
+        loss_keras = tf.reduce_sum(y_keras * tf.sin(y_keras))
+    np.testing.assert_allclose(y_ours, y_keras, rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        tape.gradient(loss_ours, [x, ours.kernel, ours.bias]),
+        tape.gradient(loss_keras, [x, keras_conv.kernel, keras_conv.bias]),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_conv_takes_any_batch_size_in_one_trace():
+    inputs = keras.Input((5, 5, 3))
+    model = keras.Model(inputs, zlayers.WinogradConv2D(4, 3, padding="same")(inputs))
+    reference = keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    reference.set_weights(model.get_weights())
+    run = tf.function(lambda x: model(x), input_signature=[tf.TensorSpec((None, 5, 5, 3))])
+    for batch in (1, 4):
+        x = np.random.default_rng(batch).normal(size=(batch, 5, 5, 3)).astype(np.float32)
+        np.testing.assert_allclose(run(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(kernel_size=3, padding="valid"),
+        dict(kernel_size=3, strides=2, padding="same"),
+        dict(kernel_size=5, padding="same"),
+        dict(kernel_size=3, padding="same", dilation_rate=2),
+    ],
+)
+def test_winograd_conv_falls_back_to_the_direct_convolution(args):
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 9, 9, 3)), tf.float32)
+    ours, keras_conv = zlayers.WinogradConv2D(4, **args), keras.layers.Conv2D(4, **args)
+    ours.build(x.shape)
+    keras_conv.build(x.shape)
+    keras_conv.set_weights(ours.get_weights())
+    assert not ours._uses_winograd(x)
+    np.testing.assert_array_equal(ours(x), keras_conv(x))
+
+
+def test_use_portable_ops_takes_xla_out_of_traced_graphs(tmp_path):
+    inputs = keras.Input((6, 6, 3))
+    x = zlayers.WinogradConv2D(8, 3, padding="same", name="conv3")(inputs)
+    model = keras.Model(inputs, zlayers.ContrastNorm(name="norm")(x))
+    shape = (2, 6, 6, 3)
+    assert "<XLA>" in _graph_op_types(model, shape)
+    zlayers.use_portable_ops(model)
+    portable = _graph_op_types(model, shape)
+    assert "<XLA>" not in portable
+    assert {"Conv2D", "LRN"} <= portable
+    zlayers.use_portable_ops(model, False)
+    assert "<XLA>" in _graph_op_types(model, shape)
+    # Saved and loaded: the class and the default (Winograd) come back.
+    zlayers.use_portable_ops(model)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.get_layer("conv3")) is zlayers.WinogradConv2D
+    assert loaded.get_layer("conv3").winograd
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@
 - `GroupedConv2D`: a `Conv2D` whose groups run as separate convolutions
   (the two-tower AlexNet's conv2, conv4, conv5): same weights and results,
   5x faster to train on CPU than TensorFlow's grouped kernel.
+- `WinogradConv2D`: a `Conv2D` that runs 3x3 stride-1 convolutions (conv3-5)
+  by Winograd F(2x2, 3x3): same weights and results, fewer multiplies.
 
 Importing this module also registers `zfkeras.optimizers.SGD`, the
 optimizer saved in the compile settings of tools/train.py's models, so that
@@ -20,7 +22,8 @@ Functions: `transpose_convolution` (the full transposed convolution, with a
 fast path for few output channels) and `padding_before` (TensorFlow's padding
 rule), shared by the layers and the deconvnet's receptive-field windows;
 `contrast_norm` (ContrastNorm's XLA computation) and `use_lrn_op` (exports:
-TensorFlow's LRN op instead).
+TensorFlow's LRN op instead); `winograd_conv` (WinogradConv2D's computation)
+and `use_portable_ops` (exports: no XLA at all).
 """
 
 import keras
@@ -437,8 +440,119 @@ class GroupedConv2D(keras.layers.Conv2D):
         )
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): a 2x2 output tile of a 3x3
+# correlation is A^T [(G g G^T) * (B^T d B)] A for the 4x4 input tile d, so
+# per tile 16 products replace 36. Summed over input channels, the 16
+# elementwise products become 16 matrix products (tiles x in) @ (in x out).
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_b(v):
+    """B^T along one axis, given the 4 views v[i] = rows i, i+2, i+4, ..."""
+    return [v[0] - v[2], v[1] + v[2], v[2] - v[1], v[1] - v[3]]
+
+
+def _winograd_a(m):
+    """A^T along the leading axis of 4."""
+    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+
+
+@tf.function(jit_compile=True)
+def _winograd_tiles(x):
+    """(N, H, W, C) -> (16, N * ceil(H/2) * ceil(W/2), C): B^T d B of every tile."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    rows, cols = -(-height // 2), -(-width // 2)
+    # 'same' padding of 1, plus what the last tile needs past the edge.
+    padded = tf.pad(x, [[0, 0], [1, 2 * rows + 1 - height], [1, 2 * cols + 1 - width], [0, 0]])
+    tiles = []
+    for by_row in _winograd_b([padded[:, i : i + 2 * rows : 2] for i in range(4)]):
+        tiles += _winograd_b([by_row[:, :, j : j + 2 * cols : 2] for j in range(4)])
+    return tf.reshape(tf.stack(tiles), [16, -1, channels])
+
+
+@tf.function(jit_compile=True)
+def _winograd_kernel(kernel):
+    """(3, 3, in, out) -> (16, in, out): G g G^T."""
+    g = tf.constant(_WINOGRAD_G, kernel.dtype)
+    transformed = tf.einsum("ai,ijco,bj->abco", g, kernel, g)
+    return tf.reshape(transformed, [16, kernel.shape[2], kernel.shape[3]])
+
+
+@tf.function(jit_compile=True)
+def _winograd_untile(products, height, width):
+    """(16, tiles, out) -> (N, height, width, out): A^T M A, tiles back in place."""
+    rows, cols, channels = -(-height // 2), -(-width // 2), products.shape[-1]
+    m = tf.reshape(products, [4, 4, -1, rows, cols, channels])
+    out = [_winograd_a(by_row) for by_row in _winograd_a(m)]
+    grid = tf.stack([tf.stack(out[0], axis=3), tf.stack(out[1], axis=3)], axis=2)
+    return tf.reshape(grid, [-1, 2 * rows, 2 * cols, channels])[:, :height, :width]
+
+
+def winograd_conv(x, kernel):
+    """`tf.nn.conv2d(x, kernel, 1, 'SAME')` for a 3x3 kernel, by Winograd F(2x2, 3x3).
+
+    The tile and kernel transforms run as XLA clusters and the 16 products
+    as one batched matmul, with gradients through the same path. Equal to
+    tf.nn.conv2d to float32 rounding (tests/test_layers.py); on 2 cores it
+    made ZFNet's training step 1.15x as fast (BENCHMARKS.md, section 14).
+
+    Args:
+        x: float32 (N, H, W, in) with static H and W.
+        kernel: float32 (3, 3, in, out).
+    """
+    products = tf.matmul(_winograd_tiles(x), _winograd_kernel(kernel))
+    return _winograd_untile(products, int(x.shape[1]), int(x.shape[2]))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class WinogradConv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D` that runs 3x3 stride-1 'same' convolutions by Winograd.
+
+    Same arguments, weights and results (to float32 rounding) as Conv2D; the
+    computation is `winograd_conv` where it applies (3x3, stride 1, no
+    dilation, 'same', one group, channels_last, float32 with a static map
+    size, TensorFlow) and Conv2D's own otherwise. It needs XLA, so exporters
+    set `winograd = False` (`use_portable_ops`) before tracing. The
+    attribute is not saved.
+    """
+
+    winograd = True
+
+    def _uses_winograd(self, inputs):
+        return (
+            self.winograd
+            and keras.backend.backend() == "tensorflow"
+            and tuple(self.kernel_size) == (3, 3)
+            and tuple(self.strides) == (1, 1)
+            and tuple(self.dilation_rate) == (1, 1)
+            and self.padding == "same"
+            and self.groups == 1
+            and self.data_format == "channels_last"
+            and tf.as_dtype(inputs.dtype) == tf.float32
+            and inputs.shape[1] is not None
+            and inputs.shape[2] is not None
+        )
+
+    def convolution_op(self, inputs, kernel):
+        if self._uses_winograd(inputs):
+            return winograd_conv(inputs, tf.convert_to_tensor(kernel))
+        return super().convolution_op(inputs, kernel)
+
+
+def use_portable_ops(model, on=True):
+    """Makes later traces of `model` use ops that need no XLA (for export).
+
+    ContrastNorm runs TensorFlow's LRN op and WinogradConv2D the direct
+    convolution. With `on=False`, back to XLA's.
+    """
+    use_lrn_op(model, on)
+    for layer in model.layers:
+        if isinstance(layer, WinogradConv2D):
+            layer.winograd = not on
+
+
 # The convolution layers every zfkeras tool accepts: Keras' own and the above.
-CONV_TYPES = (keras.layers.Conv2D, GroupedConv2D)
+CONV_TYPES = (keras.layers.Conv2D, GroupedConv2D, WinogradConv2D)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -111,7 +111,13 @@ class Builder:
             )
         # Grouped (two-tower) layers split by group: TensorFlow's grouped kernel
         # trains several times slower on CPU (zfkeras.layers.GroupedConv2D).
-        layer = zlayers.GroupedConv2D if groups > 1 else keras.layers.Conv2D
+        # 3x3 stride-1 layers run by Winograd (zfkeras.layers.WinogradConv2D).
+        if groups > 1:
+            layer = zlayers.GroupedConv2D
+        elif kernel_size == 3 and strides == 1 and padding == "same":
+            layer = zlayers.WinogradConv2D
+        else:
+            layer = keras.layers.Conv2D
         self.x = layer(
             filters,
             kernel_size,
