@@ -183,7 +183,8 @@ def main(argv):
     print(
         f"zfnet {size}x{size}x3 width {width}, {_NUM_CLASSES} classes "
         f"({model.count_params():,} params), float32 inputs; forward "
-        f"{forward_flops / 1e9:.3f} GFLOP/image"
+        f"{forward_flops / 1e9:.3f} GFLOP/image (computed with Winograd: "
+        f"{flops.computed_flops(model)[0] / 1e9:.3f}; the exported models compute the former)"
     )
     print(common.machine_info())
     folder = tempfile.mkdtemp(prefix="zfkeras-inference-bench-")

@@ -91,11 +91,13 @@ def main(argv):
         model = common.inference_model(size, width, fc_units)
         step = common.forward_step(model, batch, size)
         step_flops = sum(f for _, f in flops.forward_flops(model))
+        computed = flops.computed_flops(model)[0]
         what = "inference pass"
     else:
         model = common.compiled_training_model(common.training_config(batch, size, width, fc_units))
         step = common.train_step(model, batch, size)
         step_flops = flops.training_flops(model)
+        computed = flops.computed_flops(model)[1]
         what = "training step"
     source = np.ones(copy_mb * (1 << 20) // 4, np.float32)
     target = np.empty_like(source)
@@ -111,7 +113,8 @@ def main(argv):
     }
     print(
         f"{model.name} {size}x{size}x3, batch {batch}, float32, {what} "
-        f"{step_flops / 1e9:.3f} GFLOP/image; {rounds} rounds of a {ceiling_s:g} s matmul "
+        f"{step_flops / 1e9:.3f} GFLOP/image (computed with Winograd: {computed / 1e9:.3f}); "
+        f"{rounds} rounds of a {ceiling_s:g} s matmul "
         f"({matmul_size}^3), a {copy_s:g} s copy ({copy_mb} MB) and a {step_s:g} s {what} block"
     )
     print(common.machine_info())

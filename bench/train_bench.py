@@ -163,7 +163,8 @@ def main(argv):
     print(
         f"zfnet {size}x{size}x3 width {width}, {common.TRAINING_CLASSES} classes "
         f"({model.count_params():,} params), float32; forward {forward_flops / 1e9:.3f} "
-        f"GFLOP/image, training step {step_flops / 1e9:.3f} GFLOP/image"
+        f"GFLOP/image, training step {step_flops / 1e9:.3f} GFLOP/image (computed with "
+        f"Winograd: {flops.computed_flops(model)[1] / 1e9:.3f})"
     )
     print(common.machine_info())
     rows, memory = [], []

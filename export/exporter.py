@@ -31,7 +31,7 @@ from absl import logging
 
 from zfkeras import data, fileio
 from zfkeras.errors import Error
-from zfkeras.layers import ContrastNorm
+from zfkeras.layers import ContrastNorm, WinogradConv2D
 from zfkeras_export import graph as graph_lib
 from zfkeras_export import litert, savedmodel, verify
 from zfkeras_export import source as source_lib
@@ -67,10 +67,11 @@ class ExportConfig:
         verify_examples: test examples verified (0 = the whole split).
         representative_examples: training examples for int8 calibration.
         batch_size: examples per verification batch.
-        savedmodel_xla: the SavedModel runs the contrast normalisation compiled
-            by XLA (Keras' computation, faster) instead of TensorFlow's LRN
-            op; TF Serving then needs --xla_cpu_compilation_enabled. LiteRT
-            models keep the op.
+        savedmodel_xla: the SavedModel runs Keras' XLA computations (the
+            contrast normalisation, and the Winograd convolutions of
+            conv3-conv5; faster) instead of TensorFlow's LRN op and direct
+            convolutions; TF Serving then needs --xla_cpu_compilation_enabled.
+            LiteRT models keep the portable ops.
     """
 
     source: str
@@ -254,10 +255,11 @@ def export(config):
             xla = config.savedmodel_xla
             with serving_graph.xla_normalisation() if xla else contextlib.nullcontext():
                 savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
-            if xla and any(isinstance(layer, ContrastNorm) for layer in source.model.layers):
+            xla_layers = (ContrastNorm, WinogradConv2D)
+            if xla and any(isinstance(layer, xla_layers) for layer in source.model.layers):
                 summary["notes"].append(
-                    "the SavedModel's contrast normalisation is XLA-compiled: start TF "
-                    "Serving with --xla_cpu_compilation_enabled"
+                    "the SavedModel's contrast normalisation and Winograd convolutions are "
+                    "XLA-compiled: start TF Serving with --xla_cpu_compilation_enabled"
                 )
             timings["savedmodel_write_s"] = time.monotonic() - t
             t = time.monotonic()

@@ -366,7 +366,7 @@ def _graph_op_types(model, shape):
 )
 def test_winograd_conv_equals_keras_conv(size, channels_in, filters):
     rng = np.random.default_rng(size)
-    x = tf.constant(rng.normal(size=(2, size, size + 1, channels_in)), tf.float32)
+    x = tf.constant(rng.normal(size=(4, size, size + 1, channels_in)), tf.float32)
     args = dict(filters=filters, kernel_size=3, padding="same", bias_initializer="random_normal")
     ours, keras_conv = zlayers.WinogradConv2D(**args), keras.layers.Conv2D(**args)
     ours.build(x.shape)
@@ -387,14 +387,32 @@ def test_winograd_conv_equals_keras_conv(size, channels_in, filters):
 
 
 def test_winograd_conv_takes_any_batch_size_in_one_trace():
+    # Batches below 4 run the direct convolution, chosen when the graph runs.
     inputs = keras.Input((5, 5, 3))
     model = keras.Model(inputs, zlayers.WinogradConv2D(4, 3, padding="same")(inputs))
     reference = keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same")(inputs))
     reference.set_weights(model.get_weights())
-    run = tf.function(lambda x: model(x), input_signature=[tf.TensorSpec((None, 5, 5, 3))])
-    for batch in (1, 4):
-        x = np.random.default_rng(batch).normal(size=(batch, 5, 5, 3)).astype(np.float32)
-        np.testing.assert_allclose(run(x), reference(x), rtol=1e-5, atol=1e-5)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 5, 5, 3))])
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x)
+            loss = tf.reduce_sum(y * y)
+        return y, tape.gradient(loss, [x, *model.trainable_variables])
+
+    assert "<XLA>" in _graph_op_types(model, (None, 5, 5, 3))
+    for batch in (1, 3, 4, 6):
+        x = tf.constant(np.random.default_rng(batch).normal(size=(batch, 5, 5, 3)), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            expected = reference(x)
+            loss = tf.reduce_sum(expected * expected)
+        grads = tape.gradient(loss, [x, *reference.trainable_variables])
+        y, ours = run(x)
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+        for a, b in zip(ours, grads):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -420,8 +438,15 @@ def test_use_portable_ops_takes_xla_out_of_traced_graphs(tmp_path):
     inputs = keras.Input((6, 6, 3))
     x = zlayers.WinogradConv2D(8, 3, padding="same", name="conv3")(inputs)
     model = keras.Model(inputs, zlayers.ContrastNorm(name="norm")(x))
-    shape = (2, 6, 6, 3)
-    assert "<XLA>" in _graph_op_types(model, shape)
+    shape = (4, 6, 6, 3)
+
+    def batched_matmul(types):
+        return any(t.startswith("BatchMatMul") for t in types)
+
+    types = _graph_op_types(model, shape)
+    assert "<XLA>" in types and batched_matmul(types) and "Conv2D" not in types
+    small = _graph_op_types(model, (2, 6, 6, 3))  # below 4 images: direct
+    assert "Conv2D" in small and not batched_matmul(small)
     zlayers.use_portable_ops(model)
     portable = _graph_op_types(model, shape)
     assert "<XLA>" not in portable

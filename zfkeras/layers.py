@@ -445,6 +445,10 @@ class GroupedConv2D(keras.layers.Conv2D):
 # per tile 16 products replace 36. Summed over input channels, the 16
 # elementwise products become 16 matrix products (tiles x in) @ (in x out).
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# Below this batch the products are too small: ZFNet's forward pass took 1.13x
+# (batch 1) and 1.07x (2) the direct convolutions' time, 0.95x at 4 and 0.92x
+# at 32 (2 cores, BENCHMARKS.md section 14).
+_WINOGRAD_MIN_BATCH = 4
 
 
 def _winograd_b(v):
@@ -511,9 +515,10 @@ class WinogradConv2D(keras.layers.Conv2D):
     Same arguments, weights and results (to float32 rounding) as Conv2D; the
     computation is `winograd_conv` where it applies (3x3, stride 1, no
     dilation, 'same', one group, channels_last, float32 with a static map
-    size, TensorFlow) and Conv2D's own otherwise. It needs XLA, so exporters
-    set `winograd = False` (`use_portable_ops`) before tracing. The
-    attribute is not saved.
+    size, TensorFlow) to batches of at least 4, and Conv2D's own otherwise
+    (a batch size known only when the graph runs is chosen by `tf.cond`).
+    It needs XLA, so exporters set `winograd = False` (`use_portable_ops`)
+    before tracing. The attribute is not saved.
     """
 
     winograd = True
@@ -534,9 +539,19 @@ class WinogradConv2D(keras.layers.Conv2D):
         )
 
     def convolution_op(self, inputs, kernel):
-        if self._uses_winograd(inputs):
+        def direct():
+            return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
+
+        if not self._uses_winograd(inputs):
+            return direct()
+
+        def winograd():
             return winograd_conv(inputs, tf.convert_to_tensor(kernel))
-        return super().convolution_op(inputs, kernel)
+
+        batch = inputs.shape[0]
+        if batch is not None:
+            return winograd() if batch >= _WINOGRAD_MIN_BATCH else direct()
+        return tf.cond(tf.shape(inputs)[0] >= _WINOGRAD_MIN_BATCH, winograd, direct)
 
 
 def use_portable_ops(model, on=True):
