@@ -20,8 +20,8 @@ Every rate in the benchmarks counts these FLOPs, a direct convolution's.
 zfkeras runs conv3-conv5 by Winograd F(2x2, 3x3) (`WinogradConv2D`), whose
 matrix products do fewer: 2 * 16 * ceil(h/2) * ceil(w/2) * C * F per layer
 instead of 2 * 9 * h * w * C * F (0.52x on 13x13 maps), plus elementwise
-tile transforms. `computed_flops` counts what is computed that way, and the
-scripts print it next to the counted FLOPs.
+tile transforms, for batches of 4 or more. `computed_flops` counts what is
+computed that way, and the scripts print it next to the counted FLOPs.
 """
 
 from absl import app, flags

@@ -102,7 +102,9 @@ def test_features_are_globally_pooled_rectified_maps():
         value = np.asarray(value)
         np.testing.assert_allclose(averaged.by_layer[key], value.mean(axis=(1, 2)), rtol=1e-5)
         np.testing.assert_allclose(maxed.by_layer[key], value.max(axis=(1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(averaged.by_layer[7], np.asarray(maps[2]), rtol=1e-5, atol=1e-6)
+    # Batches of 2 run conv3-conv5 directly, the 5 images at once by Winograd:
+    # equal to float32 rounding, which fc7 carries on.
+    np.testing.assert_allclose(averaged.by_layer[7], np.asarray(maps[2]), rtol=1e-4, atol=1e-5)
     assert averaged.by_layer[1].shape == (5, model.get_layer("conv1").filters)
 
 
