@@ -55,7 +55,7 @@ def computed_layer_flops(layer):
     """`layer_flops`, but a Winograd layer's batched-product FLOPs instead."""
     from zfkeras import layers
 
-    if type(layer) is layers.WinogradConv2D and layer._uses_winograd(layer.input):
+    if type(layer) is layers.WinogradConv2D and layer.uses_winograd(layer.input):
         height, width, filters = layer.output.shape[1:]
         tiles = -(-height // 2) * -(-width // 2)
         return 2 * 16 * tiles * layer.input.shape[-1] * filters

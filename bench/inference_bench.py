@@ -14,8 +14,8 @@ times batches of float32 model inputs (already preprocessed):
   `model(x)`.
 - `savedmodel bB`: `tf.saved_model.load` and its `classify_inputs`
   signature (input check, softmax, top-5 classes and names).
-- `savedmodel xla bB`: the same, exported with `savedmodel_xla` (the contrast
-  normalisation compiled by XLA, as Keras runs it, instead of the LRN op).
+- `savedmodel xla bB`: the same, exported with `savedmodel_xla` (Keras' XLA
+  computations, instead of the same in plain TensorFlow ops).
 - `litert float32 bB`, `litert int8 bB`: `ai_edge_litert` interpreters (one
   per batch size, 2 threads, XNNPACK) running `serving_default`; the int8
   inputs are quantized beforehand. These workers do not import TensorFlow.
@@ -60,6 +60,7 @@ def export_all(folder, size, width, fc_units, int8_samples):
 
     quiet.import_tensorflow()
     from zfkeras import data, fileio
+    from zfkeras import layers as zlayers
     from zfkeras_export import graph, litert, savedmodel, source
 
     model = common.inference_model(size, width, fc_units)
@@ -77,7 +78,7 @@ def export_all(folder, size, width, fc_units, int8_samples):
         )
     )
     savedmodel.write_savedmodel(serving, os.path.join(folder, "savedmodel"))
-    with serving.xla_normalisation():
+    with serving.using_ops(zlayers.XLA):
         savedmodel.write_savedmodel(serving, os.path.join(folder, "savedmodel_xla"))
 
     def representative():
@@ -183,8 +184,8 @@ def main(argv):
     print(
         f"zfnet {size}x{size}x3 width {width}, {_NUM_CLASSES} classes "
         f"({model.count_params():,} params), float32 inputs; forward "
-        f"{forward_flops / 1e9:.3f} GFLOP/image (computed with Winograd: "
-        f"{flops.computed_flops(model)[0] / 1e9:.3f}; the exported models compute the former)"
+        f"{forward_flops / 1e9:.3f} GFLOP/image (computed with Winograd, from batch 4: "
+        f"{flops.computed_flops(model)[0] / 1e9:.3f}; LiteRT computes the former)"
     )
     print(common.machine_info())
     folder = tempfile.mkdtemp(prefix="zfkeras-inference-bench-")

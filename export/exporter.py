@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 
 from zfkeras import data, fileio
+from zfkeras import layers as zlayers
 from zfkeras.errors import Error
-from zfkeras.layers import ContrastNorm, WinogradConv2D
 from zfkeras_export import graph as graph_lib
 from zfkeras_export import litert, savedmodel, verify
 from zfkeras_export import source as source_lib
@@ -68,10 +68,10 @@ class ExportConfig:
         representative_examples: training examples for int8 calibration.
         batch_size: examples per verification batch.
         savedmodel_xla: the SavedModel runs Keras' XLA computations (the
-            contrast normalisation, and the Winograd convolutions of
-            conv3-conv5; faster) instead of TensorFlow's LRN op and direct
-            convolutions; TF Serving then needs --xla_cpu_compilation_enabled.
-            LiteRT models keep the portable ops.
+            contrast normalisation, and the Winograd transforms of
+            conv3-conv5; faster) instead of the same in plain TensorFlow
+            ops; TF Serving then needs --xla_cpu_compilation_enabled. LiteRT
+            models run TFLite builtins either way.
     """
 
     source: str
@@ -207,7 +207,7 @@ def _info(config, source, serving_graph, name, version):
         "preprocessing": dataclasses.asdict(source.preprocessing),
         "input_shape": list(source.input_shape),
         "top_k": serving_graph.top_k,
-        "savedmodel_normalisation": "xla" if config.savedmodel_xla else "lrn_op",
+        "savedmodel_ops": zlayers.XLA if config.savedmodel_xla else zlayers.PORTABLE,
         "notes": list(source.notes),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -253,9 +253,9 @@ def export(config):
             t = time.monotonic()
             staging[SAVEDMODEL] = fileio.temp_dir_like(destinations[SAVEDMODEL])
             xla = config.savedmodel_xla
-            with serving_graph.xla_normalisation() if xla else contextlib.nullcontext():
+            with serving_graph.using_ops(zlayers.XLA) if xla else contextlib.nullcontext():
                 savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
-            xla_layers = (ContrastNorm, WinogradConv2D)
+            xla_layers = (zlayers.ContrastNorm, zlayers.WinogradConv2D)
             if xla and any(isinstance(layer, xla_layers) for layer in source.model.layers):
                 summary["notes"].append(
                     "the SavedModel's contrast normalisation and Winograd convolutions are "

@@ -237,9 +237,9 @@ def unless_empty(fn, *tensors):
 class ServingGraph:
     """The serving computations of one exported model.
 
-    Switches the model to ops that need no XLA for good (ContrastNorm to
-    TensorFlow's LRN op, WinogradConv2D to the direct convolution:
-    `zfkeras.layers.use_portable_ops`), except inside `xla_normalisation`.
+    Switches the model to the portable op set for good (its computations in
+    plain TensorFlow ops, no XLA: `zfkeras.layers.use_ops`), except inside
+    `using_ops`.
 
     Args:
         source: a `zfkeras_export.source.Source`.
@@ -249,10 +249,9 @@ class ServingGraph:
     def __init__(self, source, top_k=5):
         self.source = source
         self.model = source.model
-        # TensorFlow's LRN op and direct convolutions, not XLA clusters: TFLite
-        # builtins, and TF Serving compiles no XLA unless started with
+        # No XLA clusters: TF Serving compiles none unless started with
         # --xla_cpu_compilation_enabled.
-        zlayers.use_portable_ops(self.model)
+        zlayers.use_ops(self.model, zlayers.PORTABLE)
         self.preprocessing = source.preprocessing
         self.top_k = max(1, min(int(top_k), source.num_classes))
         crop = self.preprocessing.crop_size
@@ -262,20 +261,18 @@ class ServingGraph:
         self._chains = {name: self._chain(name) for name in source.conv_layers}
 
     @contextlib.contextmanager
-    def xla_normalisation(self):
-        """Inside: graphs traced from here run Keras' XLA computations.
+    def using_ops(self, ops):
+        """Inside: graphs traced from here run op set `ops` (`zfkeras.layers`).
 
-        The XLA normalisation (`zfkeras.layers.contrast_norm`, 3x faster for
-        norm1 on CPU than the LRN op) and the Winograd convolutions
-        (`zfkeras.layers.winograd_conv`), for a SavedModel served from
-        TensorFlow with XLA (TF Serving needs --xla_cpu_compilation_enabled;
-        TFLite cannot run it).
+        `XLA`: Keras' own computations, for a SavedModel served from
+        TensorFlow with XLA (TF Serving needs --xla_cpu_compilation_enabled).
+        `BUILTIN`: TFLite builtin ops (LiteRT).
         """
-        zlayers.use_portable_ops(self.model, False)
+        zlayers.use_ops(self.model, ops)
         try:
             yield
         finally:
-            zlayers.use_portable_ops(self.model, True)
+            zlayers.use_ops(self.model, zlayers.PORTABLE)
 
     @property
     def input_shape(self):

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import schema_py_generated as schema
 
+from zfkeras import layers as zlayers
 from zfkeras import quiet
 from zfkeras.errors import Error
 from zfkeras_export import savedmodel
@@ -75,7 +76,9 @@ def lite_savedmodel(serving_graph):
     """A temporary SavedModel of the TFLite signatures (float inputs, no asserts)."""
     with tempfile.TemporaryDirectory(prefix="zfkeras-litert-") as folder:
         path = os.path.join(folder, "savedmodel")
-        _build_lite_archive(serving_graph).write_out(path, verbose=False)
+        # TFLite builtins: the LRN op and direct convolutions (XNNPACK's).
+        with serving_graph.using_ops(zlayers.BUILTIN):
+            _build_lite_archive(serving_graph).write_out(path, verbose=False)
         yield path
 
 

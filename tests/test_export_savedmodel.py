@@ -478,8 +478,9 @@ def _saved_ops(path):
 
 def test_savedmodel_xla_runs_the_xla_normalisation_and_matches_keras(exported, tmp_path):
     ops, compiled = _saved_ops(exported["path"])
-    assert "LRN" in ops and not compiled  # the default: TensorFlow's op, no XLA
-    assert exported["record"]["savedmodel_normalisation"] == "lrn_op"
+    assert "LRN" not in ops and not compiled  # the default: portable ops, no XLA
+    assert any(op.startswith("BatchMatMul") for op in ops)  # Winograd's products
+    assert exported["record"]["savedmodel_ops"] == "portable"
     config = exporter.ExportConfig(
         source=exported["config"].source,
         base_dir=str(tmp_path),
@@ -494,7 +495,7 @@ def test_savedmodel_xla_runs_the_xla_normalisation_and_matches_keras(exported, t
     assert "LRN" not in ops and compiled
     with open(os.path.join(path, savedmodel.INFO_FILE)) as f:
         record = json.load(f)
-    assert record["savedmodel_normalisation"] == "xla"
+    assert record["savedmodel_ops"] == "xla"
     # Checked like the default export: fresh-process parity and the test split.
     assert max(v for k, v in record["parity"].items() if k.endswith("_max_abs_diff")) <= 1e-5
     assert record["verification"]["savedmodel"]["max_abs_diff"] <= 1e-5

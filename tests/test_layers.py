@@ -59,42 +59,29 @@ def unpool_reference(values, switches, output_size):
 # ContrastNorm and FilterRMSConstraint.
 
 
-@pytest.mark.parametrize("lrn_op", [False, True])
+@pytest.mark.parametrize("ops", zlayers.OP_SETS)
 @pytest.mark.parametrize("channels, depth_radius", [(7, 2), (3, 2), (3, 4), (5, 0)])
-def test_contrast_norm_matches_reference(channels, depth_radius, lrn_op):
+def test_contrast_norm_matches_reference(channels, depth_radius, ops):
     a = np.random.default_rng(0).normal(0, 10, (2, 4, 5, channels)).astype(np.float32)
     layer = zlayers.ContrastNorm(depth_radius=depth_radius, bias=2.0, alpha=1e-2, beta=0.75)
-    layer.lrn_op = lrn_op
+    layer.ops = ops
     expected = contrast_norm_reference(a, depth_radius, 2.0, 1e-2, 0.75)
     assert np.abs(expected - a).max() > 0.1  # the normalisation does something
     np.testing.assert_allclose(layer(a).numpy(), expected, rtol=1e-5, atol=1e-6)
     clone = zlayers.ContrastNorm.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    assert clone.lrn_op is False  # an export setting, not saved
-
-
-def test_use_lrn_op_puts_the_lrn_op_in_traced_graphs():
-    inputs = keras.Input((4, 4, 6))
-    model = keras.Model(inputs, zlayers.ContrastNorm(name="norm")(inputs))
-
-    def op_types():
-        spec = tf.TensorSpec((1, 4, 4, 6), tf.float32)
-        graph = tf.function(lambda x: model(x)).get_concrete_function(spec).graph
-        return {op.type for op in graph.get_operations()}
-
-    assert "LRN" not in op_types()
-    zlayers.use_lrn_op(model)
-    assert model.get_layer("norm").lrn_op
-    assert "LRN" in op_types()
+    assert clone.ops == zlayers.XLA  # an export setting, not saved
 
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("beta", [0.75, 0.5])
-def test_contrast_norm_gradient_equals_tensorflows_lrn_gradient(training, beta):
+@pytest.mark.parametrize("ops", [zlayers.XLA, zlayers.PORTABLE])
+def test_contrast_norm_gradient_equals_tensorflows_lrn_gradient(training, beta, ops):
     rng = np.random.default_rng(2)
     x = tf.constant(rng.normal(0, 10, (2, 6, 5, 11)).astype(np.float32))
     upstream = tf.constant(rng.normal(0, 1, (2, 6, 5, 11)).astype(np.float32))
     layer = zlayers.ContrastNorm(depth_radius=2, bias=2.0, alpha=1e-2, beta=beta)
+    layer.ops = ops
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
         ours = layer(x, training=training)  # the same computation in both modes
@@ -370,19 +357,23 @@ def _graph_op_types(model, shape):
 @pytest.mark.parametrize(
     "size, channels_in, filters", [(13, 5, 7), (6, 3, 4), (1, 2, 3), (7, 1, 1)]
 )
-def test_winograd_conv_equals_keras_conv(size, channels_in, filters):
+@pytest.mark.parametrize("ops", [zlayers.XLA, zlayers.PORTABLE])
+def test_winograd_conv_equals_keras_conv(size, channels_in, filters, ops):
     rng = np.random.default_rng(size)
     x = tf.constant(rng.normal(size=(4, size, size + 1, channels_in)), tf.float32)
     args = dict(filters=filters, kernel_size=3, padding="same", bias_initializer="random_normal")
     ours = zlayers.WinogradConv2D(**args)
-    assert ours._uses_winograd(x)
+    ours.ops = ops
+    assert ours.uses_winograd(x)
     assert_conv_equals_keras_conv(ours, x, args)
 
 
-def test_winograd_conv_takes_any_batch_size_in_one_trace():
+@pytest.mark.parametrize("ops", [zlayers.XLA, zlayers.PORTABLE])
+def test_winograd_conv_takes_any_batch_size_in_one_trace(ops):
     # Batches below 4 run the direct convolution, chosen when the graph runs.
     inputs = keras.Input((5, 5, 3))
     model = keras.Model(inputs, zlayers.WinogradConv2D(4, 3, padding="same")(inputs))
+    zlayers.use_ops(model, ops)
     reference = keras.Model(inputs, keras.layers.Conv2D(4, 3, padding="same")(inputs))
     reference.set_weights(model.get_weights())
 
@@ -394,7 +385,7 @@ def test_winograd_conv_takes_any_batch_size_in_one_trace():
             loss = tf.reduce_sum(y * y)
         return y, tape.gradient(loss, [x, *model.trainable_variables])
 
-    assert "<XLA>" in _graph_op_types(model, (None, 5, 5, 3))
+    assert ("<XLA>" in _graph_op_types(model, (None, 5, 5, 3))) == (ops == zlayers.XLA)
     for batch in (1, 3, 4, 6):
         x = tf.constant(np.random.default_rng(batch).normal(size=(batch, 5, 5, 3)), tf.float32)
         with tf.GradientTape() as tape:
@@ -423,11 +414,11 @@ def test_winograd_conv_falls_back_to_the_direct_convolution(args):
     ours.build(x.shape)
     keras_conv.build(x.shape)
     keras_conv.set_weights(ours.get_weights())
-    assert not ours._uses_winograd(x)
+    assert not ours.uses_winograd(x)
     np.testing.assert_array_equal(ours(x), keras_conv(x))
 
 
-def test_use_portable_ops_takes_xla_out_of_traced_graphs(tmp_path):
+def test_use_ops_picks_what_traced_graphs_run(tmp_path):
     inputs = keras.Input((6, 6, 3))
     x = zlayers.WinogradConv2D(8, 3, padding="same", name="conv3")(inputs)
     model = keras.Model(inputs, zlayers.ContrastNorm(name="norm")(x))
@@ -436,22 +427,26 @@ def test_use_portable_ops_takes_xla_out_of_traced_graphs(tmp_path):
     def batched_matmul(types):
         return any(t.startswith("BatchMatMul") for t in types)
 
-    types = _graph_op_types(model, shape)
-    assert "<XLA>" in types and batched_matmul(types) and "Conv2D" not in types
+    types = _graph_op_types(model, shape)  # the default: XLA
+    assert "<XLA>" in types and batched_matmul(types)
+    assert not {"Conv2D", "LRN"} & types
     small = _graph_op_types(model, (2, 6, 6, 3))  # below 4 images: direct
     assert "Conv2D" in small and not batched_matmul(small)
-    zlayers.use_portable_ops(model)
+    zlayers.use_ops(model, zlayers.PORTABLE)
     portable = _graph_op_types(model, shape)
-    assert "<XLA>" not in portable
-    assert {"Conv2D", "LRN"} <= portable
-    zlayers.use_portable_ops(model, False)
-    assert "<XLA>" in _graph_op_types(model, shape)
-    # Saved and loaded: the class and the default (Winograd) come back.
-    zlayers.use_portable_ops(model)
+    assert "<XLA>" not in portable and batched_matmul(portable)
+    assert "LRN" not in portable  # a band-matrix 1x1 convolution instead
+    zlayers.use_ops(model, zlayers.BUILTIN)
+    builtin = _graph_op_types(model, shape)
+    assert "<XLA>" not in builtin and not batched_matmul(builtin)
+    assert {"Conv2D", "LRN"} <= builtin
+    with pytest.raises(ValueError, match="ops"):
+        zlayers.use_ops(model, "fast")
+    # Saved and loaded: the class and the default (XLA) come back.
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert type(loaded.get_layer("conv3")) is zlayers.WinogradConv2D
-    assert loaded.get_layer("conv3").winograd
+    assert loaded.get_layer("conv3").ops == loaded.get_layer("norm").ops == zlayers.XLA
     x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     np.testing.assert_allclose(loaded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -39,8 +39,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 250, "Examples per verification batc
 _SAVEDMODEL_XLA = flags.DEFINE_bool(
     "savedmodel_xla",
     False,
-    "SavedModel: Keras' XLA normalisation and Winograd convolutions (faster; TF Serving "
-    "needs --xla_cpu_compilation_enabled). LiteRT keeps the portable ops.",
+    "SavedModel: Keras' XLA normalisation and Winograd transforms (faster; TF Serving "
+    "needs --xla_cpu_compilation_enabled). LiteRT runs TFLite builtins either way.",
 )
 
 flags.mark_flags_as_required(["source", "base_dir"])

@@ -21,17 +21,25 @@ optimizer saved in the compile settings of tools/train.py's models, so that
 Functions: `transpose_convolution` (the full transposed convolution, with a
 fast path for few output channels) and `padding_before` (TensorFlow's padding
 rule), shared by the layers and the deconvnet's receptive-field windows;
-`contrast_norm` (ContrastNorm's XLA computation) and `use_lrn_op` (exports:
-TensorFlow's LRN op instead); `winograd_conv` (WinogradConv2D's computation)
-and `use_portable_ops` (exports: no XLA at all).
+`contrast_norm` and `banded_contrast_norm` (ContrastNorm's computations),
+`winograd_conv` (WinogradConv2D's) and `use_ops`, which picks the op set the
+exporters trace: XLA (Keras), portable (the SavedModel: same computations,
+no XLA) or builtin (LiteRT: TFLite builtin ops).
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from zfkeras import optimizers  # noqa: F401  (registers zfkeras>SGD, see above)
 
 _PACKAGE = "zfkeras"
+
+# The op sets ContrastNorm and WinogradConv2D can trace (`use_ops`).
+XLA = "xla"
+PORTABLE = "portable"
+BUILTIN = "builtin"
+OP_SETS = (XLA, PORTABLE, BUILTIN)
 
 
 def _pair(value, name):
@@ -220,6 +228,24 @@ def contrast_norm(inputs, depth_radius, bias, alpha, beta):
     return normalize(inputs)
 
 
+def banded_contrast_norm(inputs, depth_radius, bias, alpha, beta):
+    """`contrast_norm` of (N, H, W, C) inputs in plain TensorFlow ops (no XLA).
+
+    The window sums of squares are a 1x1 convolution by the channels' band
+    matrix, with the bias fused (oneDNN); TensorFlow's LRN op does the same
+    product with Eigen and a slower power. norm1 of ZFNet at batch 32 (2
+    cores): 24.5 ms, against 37.5 for the LRN op and 9.0 in XLA
+    (BENCHMARKS.md section 15).
+    """
+    channels = int(inputs.shape[-1])
+    index = np.arange(channels)
+    band = (np.abs(index[:, None] - index[None, :]) <= depth_radius) * alpha
+    band = tf.constant(band[None, None], inputs.dtype)
+    window = tf.nn.conv2d(tf.square(inputs), band, 1, "VALID")
+    scale = tf.nn.bias_add(window, tf.fill([channels], tf.cast(bias, inputs.dtype)))
+    return inputs * _inverse_power(scale, beta)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ContrastNorm(keras.layers.Layer):
     """Local response (contrast) normalisation across feature maps.
@@ -231,9 +257,9 @@ class ContrastNorm(keras.layers.Layer):
     In the deconvnet this layer is passed through unchanged (Zeiler & Fergus
     Section 2.1 list only unpool, rectify and filter).
 
-    It runs as `contrast_norm` (XLA). Exporters set `lrn_op = True` (or call
-    `use_lrn_op(model)`) before tracing: TensorFlow's LRN op is a TFLite
-    builtin and needs no XLA at serving time. The attribute is not saved.
+    It runs as `contrast_norm` (XLA). Exporters pick another op set before
+    tracing (`use_ops`): `banded_contrast_norm` (portable) or TensorFlow's
+    LRN op (builtin: TFLite has it). The setting, `ops`, is not saved.
 
     Args:
         depth_radius: half-width r of the channel window (window 2r+1).
@@ -242,7 +268,7 @@ class ContrastNorm(keras.layers.Layer):
         beta: the exponent.
     """
 
-    lrn_op = False
+    ops = XLA
 
     def __init__(self, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75, **kwargs):
         super().__init__(**kwargs)
@@ -256,11 +282,12 @@ class ContrastNorm(keras.layers.Layer):
         self.beta = float(beta)
 
     def call(self, inputs):
-        if self.lrn_op:
-            return tf.nn.local_response_normalization(
-                inputs, self.depth_radius, self.bias, self.alpha, self.beta
-            )
-        return contrast_norm(inputs, self.depth_radius, self.bias, self.alpha, self.beta)
+        args = (inputs, self.depth_radius, self.bias, self.alpha, self.beta)
+        if self.ops == BUILTIN:
+            return tf.nn.local_response_normalization(*args)
+        if self.ops == PORTABLE:
+            return banded_contrast_norm(*args)
+        return contrast_norm(*args)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -271,16 +298,6 @@ class ContrastNorm(keras.layers.Layer):
             depth_radius=self.depth_radius, bias=self.bias, alpha=self.alpha, beta=self.beta
         )
         return config
-
-
-def use_lrn_op(model, on=True):
-    """Makes every ContrastNorm of `model` run TensorFlow's LRN op (for export).
-
-    With `on=False`, back to the XLA normalisation. Affects later traces only.
-    """
-    for layer in model.layers:
-        if isinstance(layer, ContrastNorm):
-            layer.lrn_op = bool(on)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -444,7 +461,7 @@ class GroupedConv2D(keras.layers.Conv2D):
 # correlation is A^T [(G g G^T) * (B^T d B)] A for the 4x4 input tile d, so
 # per tile 16 products replace 36. Summed over input channels, the 16
 # elementwise products become 16 matrix products (tiles x in) @ (in x out).
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 # Below this batch the products are too small: ZFNet's forward pass took 1.13x
 # (batch 1) and 1.07x (2) the direct convolutions' time, 0.95x at 4 and 0.92x
 # at 32 (2 cores, BENCHMARKS.md section 14).
@@ -461,51 +478,71 @@ def _winograd_a(m):
     return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
 
 
-@tf.function(jit_compile=True)
 def _winograd_tiles(x):
-    """(N, H, W, C) -> (16, N * ceil(H/2) * ceil(W/2), C): B^T d B of every tile."""
-    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    """(N, H, W, C) -> (16, N * ceil(H/2) * ceil(W/2), C): B^T d B of every tile.
+
+    Tile (r, c) starts at row 2r, column 2c of the padded map, so its row i is
+    row r + i // 2 of the map's rows of parity i % 2. `space_to_batch` puts
+    the four parity phases in the batch, and every view below is a plain
+    slice (without XLA, strided slices took 8x as long: BENCHMARKS.md section 15).
+    """
+    height, width, channels = (int(d) for d in x.shape[1:])
     rows, cols = -(-height // 2), -(-width // 2)
     # 'same' padding of 1, plus what the last tile needs past the edge.
     padded = tf.pad(x, [[0, 0], [1, 2 * rows + 1 - height], [1, 2 * cols + 1 - width], [0, 0]])
+    phases = tf.space_to_batch(padded, [2, 2], [[0, 0], [0, 0]])
+    phases = tf.reshape(phases, [2, 2, -1, rows + 1, cols + 1, channels])
     tiles = []
-    for by_row in _winograd_b([padded[:, i : i + 2 * rows : 2] for i in range(4)]):
-        tiles += _winograd_b([by_row[:, :, j : j + 2 * cols : 2] for j in range(4)])
+    for by_row in _winograd_b([phases[i % 2, :, :, i // 2 : i // 2 + rows] for i in range(4)]):
+        tiles += _winograd_b([by_row[j % 2, :, :, j // 2 : j // 2 + cols] for j in range(4)])
     return tf.reshape(tf.stack(tiles), [16, -1, channels])
 
 
-@tf.function(jit_compile=True)
 def _winograd_kernel(kernel):
-    """(3, 3, in, out) -> (16, in, out): G g G^T."""
-    g = tf.constant(_WINOGRAD_G, kernel.dtype)
-    transformed = tf.einsum("ai,ijco,bj->abco", g, kernel, g)
-    return tf.reshape(transformed, [16, kernel.shape[2], kernel.shape[3]])
+    """(3, 3, in, out) -> (16, in, out): G g G^T, one matrix product."""
+    gg = tf.constant(np.kron(_WINOGRAD_G, _WINOGRAD_G), kernel.dtype)  # (16, 9)
+    channels_in, channels_out = int(kernel.shape[2]), int(kernel.shape[3])
+    flat = tf.reshape(kernel, [9, channels_in * channels_out])
+    return tf.reshape(tf.matmul(gg, flat), [16, channels_in, channels_out])
 
 
-@tf.function(jit_compile=True)
 def _winograd_untile(products, height, width):
-    """(16, tiles, out) -> (N, height, width, out): A^T M A, tiles back in place."""
-    rows, cols, channels = -(-height // 2), -(-width // 2), products.shape[-1]
-    m = tf.reshape(products, [4, 4, -1, rows, cols, channels])
-    out = [_winograd_a(by_row) for by_row in _winograd_a(m)]
-    grid = tf.stack([tf.stack(out[0], axis=3), tf.stack(out[1], axis=3)], axis=2)
-    return tf.reshape(grid, [-1, 2 * rows, 2 * cols, channels])[:, :height, :width]
+    """(16, tiles, out) -> (N, height, width, out): A^T M A, tiles back in place.
+
+    The four outputs of every tile go to the batch, in the order that
+    `batch_to_space` interleaves (the inverse of `_winograd_tiles`' phases).
+    """
+    rows, cols, channels = -(-height // 2), -(-width // 2), int(products.shape[-1])
+    m = tf.reshape(products, [4, 4, -1])
+    out = [_winograd_a(by_row) for by_row in _winograd_a([m[i] for i in range(4)])]
+    quarters = tf.reshape(
+        tf.stack([out[0][0], out[0][1], out[1][0], out[1][1]]), [-1, rows, cols, channels]
+    )
+    return tf.batch_to_space(quarters, [2, 2], [[0, 2 * rows - height], [0, 2 * cols - width]])
 
 
-def winograd_conv(x, kernel):
+_WINOGRAD_PLAIN = (_winograd_tiles, _winograd_kernel, _winograd_untile)
+_WINOGRAD_XLA = tuple(tf.function(f, jit_compile=True) for f in _WINOGRAD_PLAIN)
+
+
+def winograd_conv(x, kernel, xla=True):
     """`tf.nn.conv2d(x, kernel, 1, 'SAME')` for a 3x3 kernel, by Winograd F(2x2, 3x3).
 
-    The tile and kernel transforms run as XLA clusters and the 16 products
-    as one batched matmul, with gradients through the same path. Equal to
-    tf.nn.conv2d to float32 rounding (tests/test_layers.py); on 2 cores it
-    made ZFNet's training step 1.15x as fast (BENCHMARKS.md, section 14).
+    The tile and kernel transforms and the placing of the output tiles run
+    as XLA clusters (with `xla=False`, as plain TensorFlow ops: 1.05-1.1x
+    the time) and the 16 products as one batched matmul; gradients go
+    through the same path. Equal to tf.nn.conv2d to float32 rounding
+    (tests/test_layers.py); on 2 cores it made ZFNet's training step 1.15x
+    as fast (BENCHMARKS.md, sections 14 and 15).
 
     Args:
         x: float32 (N, H, W, in) with static H and W.
         kernel: float32 (3, 3, in, out).
+        xla: False for no XLA (exported SavedModels).
     """
-    products = tf.matmul(_winograd_tiles(x), _winograd_kernel(kernel))
-    return _winograd_untile(products, int(x.shape[1]), int(x.shape[2]))
+    tiles, transform, untile = _WINOGRAD_XLA if xla else _WINOGRAD_PLAIN
+    products = tf.matmul(tiles(x), transform(kernel))
+    return untile(products, int(x.shape[1]), int(x.shape[2]))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -513,19 +550,24 @@ class WinogradConv2D(keras.layers.Conv2D):
     """`keras.layers.Conv2D` that runs 3x3 stride-1 'same' convolutions by Winograd.
 
     Same arguments, weights and results (to float32 rounding) as Conv2D; the
-    computation is `winograd_conv` where it applies (3x3, stride 1, no
-    dilation, 'same', one group, channels_last, float32 with a static map
-    size, TensorFlow) to batches of at least 4, and Conv2D's own otherwise
-    (a batch size known only when the graph runs is chosen by `tf.cond`).
-    It needs XLA, so exporters set `winograd = False` (`use_portable_ops`)
-    before tracing. The attribute is not saved.
+    computation is `winograd_conv` where it applies (`uses_winograd`) to
+    batches of at least 4, and Conv2D's own otherwise (a batch size known
+    only when the graph runs is chosen by `tf.cond`). Exporters pick the op
+    set before tracing (`use_ops`): portable runs `winograd_conv` without
+    XLA, builtin the direct convolution. The setting, `ops`, is not saved.
     """
 
-    winograd = True
+    ops = XLA
 
-    def _uses_winograd(self, inputs):
+    def uses_winograd(self, inputs):
+        """Whether `inputs` go through `winograd_conv` at batches of 4 or more.
+
+        Needs a 3x3 kernel, stride 1, no dilation, 'same', one group,
+        channels_last, float32 inputs with a static map size, TensorFlow,
+        and an op set other than builtin.
+        """
         return (
-            self.winograd
+            self.ops != BUILTIN
             and keras.backend.backend() == "tensorflow"
             and tuple(self.kernel_size) == (3, 3)
             and tuple(self.strides) == (1, 1)
@@ -542,11 +584,11 @@ class WinogradConv2D(keras.layers.Conv2D):
         def direct():
             return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
 
-        if not self._uses_winograd(inputs):
+        if not self.uses_winograd(inputs):
             return direct()
 
         def winograd():
-            return winograd_conv(inputs, tf.convert_to_tensor(kernel))
+            return winograd_conv(inputs, tf.convert_to_tensor(kernel), xla=self.ops == XLA)
 
         batch = inputs.shape[0]
         if batch is not None:
@@ -554,16 +596,22 @@ class WinogradConv2D(keras.layers.Conv2D):
         return tf.cond(tf.shape(inputs)[0] >= _WINOGRAD_MIN_BATCH, winograd, direct)
 
 
-def use_portable_ops(model, on=True):
-    """Makes later traces of `model` use ops that need no XLA (for export).
+def use_ops(model, ops):
+    """Makes later traces of `model` run one op set (exporters call it).
 
-    ContrastNorm runs TensorFlow's LRN op and WinogradConv2D the direct
-    convolution. With `on=False`, back to XLA's.
+    - `XLA` ("xla", the default): ContrastNorm as `contrast_norm` and
+      WinogradConv2D's transforms as XLA clusters (Keras, training).
+    - `PORTABLE` ("portable"): the same computations in plain TensorFlow ops
+      (`banded_contrast_norm`, `winograd_conv(xla=False)`): the SavedModel,
+      which any TF Serving runs without XLA.
+    - `BUILTIN` ("builtin"): TensorFlow's LRN op and direct convolutions,
+      TFLite builtin ops: LiteRT.
     """
-    use_lrn_op(model, on)
+    if ops not in OP_SETS:
+        raise ValueError(f"`ops` must be one of {', '.join(OP_SETS)}. Received: ops={ops!r}")
     for layer in model.layers:
-        if isinstance(layer, WinogradConv2D):
-            layer.winograd = not on
+        if isinstance(layer, (ContrastNorm, WinogradConv2D)):
+            layer.ops = ops
 
 
 # The convolution layers every zfkeras tool accepts: Keras' own and the above.
