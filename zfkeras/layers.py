@@ -529,7 +529,7 @@ def winograd_conv(x, kernel, xla=True):
     """`tf.nn.conv2d(x, kernel, 1, 'SAME')` for a 3x3 kernel, by Winograd F(2x2, 3x3).
 
     The tile and kernel transforms and the placing of the output tiles run
-    as XLA clusters (with `xla=False`, as plain TensorFlow ops: 1.05-1.1x
+    as XLA clusters (with `xla=False`, as plain TensorFlow ops: 1.06-1.14x
     the time) and the 16 products as one batched matmul; gradients go
     through the same path. Equal to tf.nn.conv2d to float32 rounding
     (tests/test_layers.py); on 2 cores it made ZFNet's training step 1.15x
