@@ -260,6 +260,10 @@ def test_two_tower_alexnet_deconv_in_tflite_equals_the_library():
     g = graph.ServingGraph(source_lib.Source("alexnet2", model, pre, mean, "abcd", layers, {}))
     with litert.lite_savedmodel(g) as path:
         content = litert.convert(path, "float32", layers)
+    # The builtin op set: TensorFlow's LRN op and direct convolutions, no Winograd.
+    operators = litert.operators(content)
+    assert "LOCAL_RESPONSE_NORMALIZATION" in operators
+    assert not any("BATCH_MATMUL" in name or "SPACE_TO_BATCH" in name for name in operators)
     interpreter = litert.interpreter(model_content=content)
     inputs = np.random.default_rng(1).normal(0, 1, (3, 67, 67, 3)).astype(np.float32)
     probabilities = litert.Runner(interpreter)(inputs=inputs)["probabilities"]
