@@ -11,7 +11,8 @@
   limits of `zfkeras.images`); bytes that fail a check or do not decode fail
   the whole call with InvalidArgument.
 - `preprocess_pixels`: the same from uint8 pixel batches.
-- `classify`: model inputs -> top-k classes, names and probabilities.
+- `classify`: model inputs -> top-k classes, names and probabilities, from
+  the model with the serving weight layouts of `layouts.ServingForward`.
 - `deconv`: model inputs and one feature-map index per image -> the
   deconvnet projection of the strongest activation of that map (Section 2.1,
   the paper's figures; `zfkeras.deconv.Deconvnet.project(mode="max")`),
@@ -32,7 +33,7 @@ from zfkeras import data, images
 from zfkeras import deconv as zdeconv
 from zfkeras import layers as zlayers
 from zfkeras.errors import Error
-from zfkeras_export import builtin_pool
+from zfkeras_export import builtin_pool, layouts
 
 CLASSIFY_OUTPUTS = ("classes", "class_names", "probabilities", "all_probabilities")
 DECONV_OUTPUTS = ("projections", "activations", "positions", "boxes")
@@ -249,9 +250,9 @@ class ServingGraph:
     def __init__(self, source, top_k=5):
         self.source = source
         self.model = source.model
-        # No XLA clusters: TF Serving compiles none unless started with
-        # --xla_cpu_compilation_enabled.
-        zlayers.use_ops(self.model, zlayers.PORTABLE)
+        # Portable ops, no XLA clusters: TF Serving compiles none unless
+        # started with --xla_cpu_compilation_enabled.
+        self.forward = layouts.ServingForward(self.model)
         self.preprocessing = source.preprocessing
         self.top_k = max(1, min(int(top_k), source.num_classes))
         crop = self.preprocessing.crop_size
@@ -268,11 +269,11 @@ class ServingGraph:
         TensorFlow with XLA (TF Serving needs --xla_cpu_compilation_enabled).
         `BUILTIN`: TFLite builtin ops (LiteRT).
         """
-        zlayers.use_ops(self.model, ops)
+        self.forward.use_ops(ops)
         try:
             yield
         finally:
-            zlayers.use_ops(self.model, zlayers.PORTABLE)
+            self.forward.use_ops(zlayers.PORTABLE)
 
     @property
     def input_shape(self):
@@ -358,7 +359,7 @@ class ServingGraph:
     # -- classification ----------------------------------------------------
 
     def probabilities(self, inputs):
-        return self.model(inputs, training=False)
+        return self.forward(inputs)
 
     def classify(self, inputs):
         """Model inputs -> {classes, class_names, probabilities, all_probabilities}.

@@ -58,7 +58,6 @@ def _build_lite_archive(serving_graph):
     inputs_spec = tf.TensorSpec([None, crop, crop, channels], tf.float32, name="inputs")
     feature_map_spec = tf.TensorSpec([None], tf.int32, name="feature_map")
     archive = keras.export.ExportArchive()
-    archive.track(g.model)
     archive.add_endpoint(
         CLASSIFY_SIGNATURE, lambda inputs: {"probabilities": g.probabilities(inputs)}, [inputs_spec]
     )

@@ -61,7 +61,6 @@ def build_archive(serving_graph):
     feature_map_spec = tf.TensorSpec([None], tf.int32, name="feature_map")
 
     archive = keras.export.ExportArchive()
-    archive.track(g.model)
 
     def classify(inputs):
         return graph_lib.unless_empty(g.classify, inputs)

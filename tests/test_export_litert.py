@@ -264,6 +264,8 @@ def test_two_tower_alexnet_deconv_in_tflite_equals_the_library():
     operators = litert.operators(content)
     assert "LOCAL_RESPONSE_NORMALIZATION" in operators
     assert not any("BATCH_MATMUL" in name or "SPACE_TO_BATCH" in name for name in operators)
+    # fc6, fc7 and the head as FULLY_CONNECTED on the [out, in] kernels, no transposes.
+    assert operators["FULLY_CONNECTED"] == 3 and "TRANSPOSE" not in operators
     interpreter = litert.interpreter(model_content=content)
     inputs = np.random.default_rng(1).normal(0, 1, (3, 67, 67, 3)).astype(np.float32)
     probabilities = litert.Runner(interpreter)(inputs=inputs)["probabilities"]

@@ -21,6 +21,7 @@ from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 
 from zfkeras import data, deconv, fileio, images, runs
+from zfkeras import layers as zlayers
 from zfkeras.errors import Error
 from zfkeras.models import ZFNet
 from zfkeras_export import builtin_pool, exporter, graph, savedmodel, verify
@@ -232,6 +233,26 @@ def test_layout_signatures_and_record(exported):
     # The test split went through the SavedModel and matched Keras.
     assert record["verification"]["savedmodel"]["examples"] == 15
     assert record["verification"]["savedmodel"]["max_abs_diff"] <= 1e-5
+
+
+def test_saved_variables_are_the_serving_layouts(exported):
+    # Dense kernels are saved [out, in] only (export/layouts.py), Winograd
+    # kernels also transformed (16, in, out); nothing else is added or lost.
+    model = exported["run"].model
+    saved = tf.train.list_variables(os.path.join(exported["path"], "variables", "variables"))
+    shapes = sorted(tuple(shape) for name, shape in saved if "VARIABLE_VALUE" in name)
+    expected = []
+    for layer in model.layers:
+        for weight in layer.weights:
+            shape = tuple(weight.shape)
+            if isinstance(layer, keras.layers.Dense) and weight is layer.kernel:
+                shape = shape[::-1]
+            expected.append(shape)
+        if isinstance(layer, zlayers.WinogradConv2D):
+            expected.append((16, *layer.kernel.shape[2:]))
+    assert shapes == sorted(expected)
+    fc6 = model.get_layer("fc6").kernel.shape
+    assert fc6[0] != fc6[1] and tuple(fc6) not in shapes
 
 
 def test_the_tool_prints_paths_and_the_verification(exported):

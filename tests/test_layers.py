@@ -59,8 +59,14 @@ def unpool_reference(values, switches, output_size):
 # ContrastNorm and FilterRMSConstraint.
 
 
+# Channels in groups of 8 (the portable op set's band convolution) with windows
+# that reach one or two neighbouring groups, or only their own; and channel
+# counts that are not a multiple of 8.
 @pytest.mark.parametrize("ops", zlayers.OP_SETS)
-@pytest.mark.parametrize("channels, depth_radius", [(7, 2), (3, 2), (3, 4), (5, 0)])
+@pytest.mark.parametrize(
+    "channels, depth_radius",
+    [(7, 2), (3, 2), (3, 4), (5, 0), (24, 2), (32, 9), (16, 0), (16, 20)],
+)
 def test_contrast_norm_matches_reference(channels, depth_radius, ops):
     a = np.random.default_rng(0).normal(0, 10, (2, 4, 5, channels)).astype(np.float32)
     layer = zlayers.ContrastNorm(depth_radius=depth_radius, bias=2.0, alpha=1e-2, beta=0.75)

@@ -22,7 +22,7 @@ Functions: `transpose_convolution` (the full transposed convolution, with a
 fast path for few output channels) and `padding_before` (TensorFlow's padding
 rule), shared by the layers and the deconvnet's receptive-field windows;
 `contrast_norm` and `banded_contrast_norm` (ContrastNorm's computations),
-`winograd_conv` (WinogradConv2D's) and `use_ops`, which picks the op set the
+`winograd_conv` and `winograd_kernel` (WinogradConv2D's) and `use_ops`, which picks the op set the
 exporters trace: XLA (Keras), portable (the SavedModel: same computations,
 no XLA) or builtin (LiteRT: TFLite builtin ops).
 """
@@ -228,22 +228,46 @@ def contrast_norm(inputs, depth_radius, bias, alpha, beta):
     return normalize(inputs)
 
 
+# `banded_contrast_norm` reads the channels in groups of this many: 8 took 0.94x
+# the time of one band matrix over all 96 channels for norm1 of ZFNet and 0.50x
+# over the 256 of norm2 (4, 16 and 32 were slower; BENCHMARKS.md section 16).
+_BAND_GROUP = 8
+
+
+def _band_kernel(channels, depth_radius, alpha):
+    """(1, taps, group, group) weights of `banded_contrast_norm`'s window sums.
+
+    The channels (N, H, W, C) are read as (N * H * W, 1, C / group, group):
+    channel c is member c % group of position c // group. Output member j of
+    position p sums the squares of channels within `depth_radius` of it,
+    which lie at positions p - reach .. p + reach.
+    """
+    group = _BAND_GROUP if channels % _BAND_GROUP == 0 else channels
+    reach = min(-(-depth_radius // group), channels // group - 1)
+    offset = np.arange(-reach, reach + 1)[:, None, None] * group
+    members = np.arange(group)
+    near = np.abs(offset + members[:, None] - members[None, :]) <= depth_radius
+    return (near * alpha)[None].astype(np.float32), group
+
+
 def banded_contrast_norm(inputs, depth_radius, bias, alpha, beta):
     """`contrast_norm` of (N, H, W, C) inputs in plain TensorFlow ops (no XLA).
 
-    The window sums of squares are a 1x1 convolution by the channels' band
-    matrix, with the bias fused (oneDNN); TensorFlow's LRN op does the same
-    product with Eigen and a slower power. norm1 of ZFNet at batch 32 (2
-    cores): 24.5 ms, against 37.5 for the LRN op and 9.0 in XLA
-    (BENCHMARKS.md section 15).
+    The window sums of squares are one convolution, with the bias fused
+    (oneDNN): the channels, in groups of 8, become a row of positions, and
+    each group's sums take the squares of its own and its neighbours'
+    (`_band_kernel`), 24 multiply-adds per element for a radius of 2 instead
+    of C for a C x C band matrix. TensorFlow's LRN op does the product with
+    Eigen and a slower power. ZFNet at batch 32 (2 cores): norm1 22.2 ms
+    against 35.1 for the LRN op and 8.0 in XLA; norm2 3.4, 6.3 and 1.5 ms
+    (BENCHMARKS.md section 16).
     """
-    channels = int(inputs.shape[-1])
-    index = np.arange(channels)
-    band = (np.abs(index[:, None] - index[None, :]) <= depth_radius) * alpha
-    band = tf.constant(band[None, None], inputs.dtype)
-    window = tf.nn.conv2d(tf.square(inputs), band, 1, "VALID")
-    scale = tf.nn.bias_add(window, tf.fill([channels], tf.cast(bias, inputs.dtype)))
-    return inputs * _inverse_power(scale, beta)
+    shape = tf.shape(inputs)
+    weights, group = _band_kernel(int(inputs.shape[-1]), depth_radius, alpha)
+    squares = tf.reshape(tf.square(inputs), [-1, 1, int(inputs.shape[-1]) // group, group])
+    window = tf.nn.conv2d(squares, tf.constant(weights, inputs.dtype), 1, "SAME")
+    scale = tf.nn.bias_add(window, tf.fill([group], tf.cast(bias, inputs.dtype)))
+    return inputs * _inverse_power(tf.reshape(scale, shape), beta)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -489,8 +513,8 @@ def _winograd_tiles(x):
     height, width, channels = (int(d) for d in x.shape[1:])
     rows, cols = -(-height // 2), -(-width // 2)
     # 'same' padding of 1, plus what the last tile needs past the edge.
-    padded = tf.pad(x, [[0, 0], [1, 2 * rows + 1 - height], [1, 2 * cols + 1 - width], [0, 0]])
-    phases = tf.space_to_batch(padded, [2, 2], [[0, 0], [0, 0]])
+    padding = [[1, 2 * rows + 1 - height], [1, 2 * cols + 1 - width]]
+    phases = tf.space_to_batch(x, [2, 2], padding)
     phases = tf.reshape(phases, [2, 2, -1, rows + 1, cols + 1, channels])
     tiles = []
     for by_row in _winograd_b([phases[i % 2, :, :, i // 2 : i // 2 + rows] for i in range(4)]):
@@ -506,26 +530,55 @@ def _winograd_kernel(kernel):
     return tf.reshape(tf.matmul(gg, flat), [16, channels_in, channels_out])
 
 
-def _winograd_untile(products, height, width):
-    """(16, tiles, out) -> (N, height, width, out): A^T M A, tiles back in place.
+def _place_tiles(quarters, height, width):
+    """(4, N * rows * cols, out) -> (N, height, width, out): output tiles in place.
 
-    The four outputs of every tile go to the batch, in the order that
+    Output (a, b) of every tile is quarter 2a + b: the batch order that
     `batch_to_space` interleaves (the inverse of `_winograd_tiles`' phases).
     """
-    rows, cols, channels = -(-height // 2), -(-width // 2), int(products.shape[-1])
-    m = tf.reshape(products, [4, 4, -1])
-    out = [_winograd_a(by_row) for by_row in _winograd_a([m[i] for i in range(4)])]
-    quarters = tf.reshape(
-        tf.stack([out[0][0], out[0][1], out[1][0], out[1][1]]), [-1, rows, cols, channels]
-    )
+    rows, cols, channels = -(-height // 2), -(-width // 2), int(quarters.shape[-1])
+    quarters = tf.reshape(quarters, [-1, rows, cols, channels])
     return tf.batch_to_space(quarters, [2, 2], [[0, 2 * rows - height], [0, 2 * cols - width]])
 
 
-_WINOGRAD_PLAIN = (_winograd_tiles, _winograd_kernel, _winograd_untile)
-_WINOGRAD_XLA = tuple(tf.function(f, jit_compile=True) for f in _WINOGRAD_PLAIN)
+def _winograd_untile(products, height, width):
+    """(16, tiles, out) -> (N, height, width, out): A^T M A, tiles back in place."""
+    m = tf.reshape(products, [4, 4, -1, int(products.shape[-1])])
+    out = [_winograd_a(by_row) for by_row in _winograd_a([m[i] for i in range(4)])]
+    return _place_tiles(tf.stack([out[0][0], out[0][1], out[1][0], out[1][1]]), height, width)
 
 
-def winograd_conv(x, kernel, xla=True):
+def _winograd_untile_by_matmul(products, height, width):
+    """`_winograd_untile` as one product by A^T (x) A^T, for plain TensorFlow ops.
+
+    Without XLA the sums above are 12 ops, each a pass over memory; the
+    product reads the 16 products once. conv4 of ZFNet at batch 32: 3.6 ms
+    against 5.3 (in XLA the sums take 1.9 ms, the product 2.4; BENCHMARKS.md
+    section 16).
+    """
+    at = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+    channels = int(products.shape[-1])
+    flat = tf.reshape(products, [16, -1])
+    quarters = tf.matmul(tf.constant(np.kron(at, at), products.dtype), flat)
+    return _place_tiles(tf.reshape(quarters, [4, -1, channels]), height, width)
+
+
+_WINOGRAD_PLAIN = (_winograd_tiles, _winograd_kernel, _winograd_untile_by_matmul)
+_WINOGRAD_XLA = tuple(
+    tf.function(f, jit_compile=True) for f in (_winograd_tiles, _winograd_kernel, _winograd_untile)
+)
+
+
+def winograd_kernel(kernel):
+    """(3, 3, in, out) -> (16, in, out): the kernel as `winograd_conv` multiplies it.
+
+    Exports store it (`WinogradConv2D.convolve`), so that serving does not
+    transform the kernel on every call.
+    """
+    return _winograd_kernel(tf.convert_to_tensor(kernel))
+
+
+def winograd_conv(x, kernel, xla=True, transformed=None):
     """`tf.nn.conv2d(x, kernel, 1, 'SAME')` for a 3x3 kernel, by Winograd F(2x2, 3x3).
 
     The tile and kernel transforms and the placing of the output tiles run
@@ -537,11 +590,14 @@ def winograd_conv(x, kernel, xla=True):
 
     Args:
         x: float32 (N, H, W, in) with static H and W.
-        kernel: float32 (3, 3, in, out).
+        kernel: float32 (3, 3, in, out); None if `transformed` is given.
         xla: False for no XLA (exported SavedModels).
+        transformed: `winograd_kernel(kernel)` computed beforehand, or None.
     """
     tiles, transform, untile = _WINOGRAD_XLA if xla else _WINOGRAD_PLAIN
-    products = tf.matmul(tiles(x), transform(kernel))
+    if transformed is None:
+        transformed = transform(kernel)
+    products = tf.matmul(tiles(x), transformed)
     return untile(products, int(x.shape[1]), int(x.shape[2]))
 
 
@@ -581,6 +637,11 @@ class WinogradConv2D(keras.layers.Conv2D):
         )
 
     def convolution_op(self, inputs, kernel):
+        return self.convolve(inputs, kernel)
+
+    def convolve(self, inputs, kernel, transformed=None):
+        """`convolution_op`, optionally given `winograd_kernel(kernel)` (exports store it)."""
+
         def direct():
             return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
 
@@ -588,7 +649,11 @@ class WinogradConv2D(keras.layers.Conv2D):
             return direct()
 
         def winograd():
-            return winograd_conv(inputs, tf.convert_to_tensor(kernel), xla=self.ops == XLA)
+            # Given the transformed kernel, the graph does not read `kernel`.
+            untransformed = tf.convert_to_tensor(kernel) if transformed is None else None
+            return winograd_conv(
+                inputs, untransformed, xla=self.ops == XLA, transformed=transformed
+            )
 
         batch = inputs.shape[0]
         if batch is not None:
