@@ -22,9 +22,10 @@ Functions: `transpose_convolution` (the full transposed convolution, with a
 fast path for few output channels) and `padding_before` (TensorFlow's padding
 rule), shared by the layers and the deconvnet's receptive-field windows;
 `contrast_norm` and `banded_contrast_norm` (ContrastNorm's computations),
-`winograd_conv` and `winograd_kernel` (WinogradConv2D's) and `use_ops`, which picks the op set the
-exporters trace: XLA (Keras), portable (the SavedModel: same computations,
-no XLA) or builtin (LiteRT: TFLite builtin ops).
+`winograd_conv` and `winograd_kernel` (WinogradConv2D's) and `use_ops`,
+which picks the op set the exporters trace: XLA (Keras), portable (the
+SavedModel: same computations, no XLA) or builtin (LiteRT: TFLite builtin
+ops).
 """
 
 import keras
@@ -262,12 +263,12 @@ def banded_contrast_norm(inputs, depth_radius, bias, alpha, beta):
     against 35.1 for the LRN op and 8.0 in XLA; norm2 3.4, 6.3 and 1.5 ms
     (BENCHMARKS.md section 16).
     """
-    shape = tf.shape(inputs)
-    weights, group = _band_kernel(int(inputs.shape[-1]), depth_radius, alpha)
-    squares = tf.reshape(tf.square(inputs), [-1, 1, int(inputs.shape[-1]) // group, group])
+    channels = int(inputs.shape[-1])
+    weights, group = _band_kernel(channels, depth_radius, alpha)
+    squares = tf.reshape(tf.square(inputs), [-1, 1, channels // group, group])
     window = tf.nn.conv2d(squares, tf.constant(weights, inputs.dtype), 1, "SAME")
     scale = tf.nn.bias_add(window, tf.fill([group], tf.cast(bias, inputs.dtype)))
-    return inputs * _inverse_power(tf.reshape(scale, shape), beta)
+    return inputs * _inverse_power(tf.reshape(scale, tf.shape(inputs)), beta)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
