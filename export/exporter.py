@@ -255,8 +255,8 @@ def export(config):
             xla = config.savedmodel_xla
             with serving_graph.using_ops(zlayers.XLA) if xla else contextlib.nullcontext():
                 savedmodel.write_savedmodel(serving_graph, staging[SAVEDMODEL])
-            xla_layers = (zlayers.ContrastNorm, zlayers.WinogradConv2D)
-            if xla and any(isinstance(layer, xla_layers) for layer in source.model.layers):
+            layers = source.model.layers
+            if xla and any(isinstance(layer, zlayers.OP_SET_LAYERS) for layer in layers):
                 summary["notes"].append(
                     "the SavedModel's contrast normalisation and Winograd convolutions are "
                     "XLA-compiled: start TF Serving with --xla_cpu_compilation_enabled"

@@ -68,7 +68,7 @@ class ServingForward:
                 )
             elif isinstance(layer, zlayers.WinogradConv2D):
                 self._winograd_kernels[layer.name] = tf.Variable(
-                    zlayers.winograd_kernel(layer.kernel),
+                    zlayers.winograd_kernel(tf.convert_to_tensor(layer.kernel)),
                     trainable=False,
                     name=f"{layer.name}_kernel_winograd",
                 )

@@ -523,8 +523,13 @@ def _winograd_tiles(x):
     return tf.reshape(tf.stack(tiles), [16, -1, channels])
 
 
-def _winograd_kernel(kernel):
-    """(3, 3, in, out) -> (16, in, out): G g G^T, one matrix product."""
+def winograd_kernel(kernel):
+    """(3, 3, in, out) -> (16, in, out): G g G^T, one matrix product.
+
+    The kernel as `winograd_conv` multiplies it. Exports store it
+    (`WinogradConv2D.convolve`), so that serving does not transform the
+    kernel on every call.
+    """
     gg = tf.constant(np.kron(_WINOGRAD_G, _WINOGRAD_G), kernel.dtype)  # (16, 9)
     channels_in, channels_out = int(kernel.shape[2]), int(kernel.shape[3])
     flat = tf.reshape(kernel, [9, channels_in * channels_out])
@@ -564,19 +569,10 @@ def _winograd_untile_by_matmul(products, height, width):
     return _place_tiles(tf.reshape(quarters, [4, -1, channels]), height, width)
 
 
-_WINOGRAD_PLAIN = (_winograd_tiles, _winograd_kernel, _winograd_untile_by_matmul)
+_WINOGRAD_PLAIN = (_winograd_tiles, winograd_kernel, _winograd_untile_by_matmul)
 _WINOGRAD_XLA = tuple(
-    tf.function(f, jit_compile=True) for f in (_winograd_tiles, _winograd_kernel, _winograd_untile)
+    tf.function(f, jit_compile=True) for f in (_winograd_tiles, winograd_kernel, _winograd_untile)
 )
-
-
-def winograd_kernel(kernel):
-    """(3, 3, in, out) -> (16, in, out): the kernel as `winograd_conv` multiplies it.
-
-    Exports store it (`WinogradConv2D.convolve`), so that serving does not
-    transform the kernel on every call.
-    """
-    return _winograd_kernel(tf.convert_to_tensor(kernel))
 
 
 def winograd_conv(x, kernel, xla=True, transformed=None):
@@ -592,13 +588,13 @@ def winograd_conv(x, kernel, xla=True, transformed=None):
 
     Args:
         x: float32 (N, H, W, in) with static H and W.
-        kernel: float32 (3, 3, in, out); None if `transformed` is given.
+        kernel: float32 (3, 3, in, out), not read if `transformed` is given.
         xla: False for no XLA (exported SavedModels).
         transformed: `winograd_kernel(kernel)` computed beforehand, or None.
     """
     tiles, transform, untile = _WINOGRAD_XLA if xla else _WINOGRAD_PLAIN
     if transformed is None:
-        transformed = transform(kernel)
+        transformed = transform(tf.convert_to_tensor(kernel))
     products = tf.matmul(tiles(x), transformed)
     return untile(products, int(x.shape[1]), int(x.shape[2]))
 
@@ -651,11 +647,7 @@ class WinogradConv2D(keras.layers.Conv2D):
             return direct()
 
         def winograd():
-            # Given the transformed kernel, the graph does not read `kernel`.
-            untransformed = tf.convert_to_tensor(kernel) if transformed is None else None
-            return winograd_conv(
-                inputs, untransformed, xla=self.ops == XLA, transformed=transformed
-            )
+            return winograd_conv(inputs, kernel, xla=self.ops == XLA, transformed=transformed)
 
         batch = inputs.shape[0]
         if batch is not None:
@@ -677,8 +669,12 @@ def use_ops(model, ops):
     if ops not in OP_SETS:
         raise ValueError(f"`ops` must be one of {', '.join(OP_SETS)}. Received: ops={ops!r}")
     for layer in model.layers:
-        if isinstance(layer, (ContrastNorm, WinogradConv2D)):
+        if isinstance(layer, OP_SET_LAYERS):
             layer.ops = ops
+
+
+# The layers whose computation `use_ops` picks.
+OP_SET_LAYERS = (ContrastNorm, WinogradConv2D)
 
 
 # The convolution layers every zfkeras tool accepts: Keras' own and the above.
